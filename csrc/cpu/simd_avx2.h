@@ -1,0 +1,34 @@
+// AVX2 + FMA + F16C vector of 8 floats. Included only by int4_avx2.cpp (compiled for that target).
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+struct VecAvx2 {
+  static constexpr int W = 8;
+  static constexpr int MR = 6;       // 6 x 16 micro-kernel: 12 accumulators + 2 B + 1 broadcast
+  static constexpr int NRV = 2;
+  static constexpr int GEMV_MR = 2;
+  using F = __m256;
+  using I = __m256i;
+  static F zero() { return _mm256_setzero_ps(); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F bcast(float v) { return _mm256_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static I load_u8(const uint8_t* p) {  // 8 bytes -> 8 int32 lanes
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static F low_nibble(I v) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); }
+  static F high_nibble(I v) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)); }
+  static F load_u8_float(const uint8_t* p) { return _mm256_cvtepi32_ps(load_u8(p)); }
+  static F load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static F load_bf16(const uint16_t* p) {
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};

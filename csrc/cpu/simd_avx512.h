@@ -1,0 +1,34 @@
+// AVX-512 (F, BW, VL) vector of 16 floats. Included only by int4_avx512.cpp.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+struct VecAvx512 {
+  static constexpr int W = 16;
+  static constexpr int MR = 8;       // 8 x 32 micro-kernel: 16 accumulators of 32 registers
+  static constexpr int NRV = 2;
+  static constexpr int GEMV_MR = 4;
+  using F = __m512;
+  using I = __m512i;
+  static F zero() { return _mm512_setzero_ps(); }
+  static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static F bcast(float v) { return _mm512_set1_ps(v); }
+  static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static I load_u8(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static F low_nibble(I v) { return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))); }
+  static F high_nibble(I v) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)); }
+  static F load_u8_float(const uint8_t* p) { return _mm512_cvtepi32_ps(load_u8(p)); }
+  static F load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static F load_bf16(const uint16_t* p) {
+    __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+};

@@ -1,0 +1,52 @@
+// Plain C++ "vector" of one lane: the reference instruction-set path, and the template's
+// fallback on machines without AVX2. Included only by int4_scalar.cpp.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+struct VecScalar {
+  static constexpr int W = 1;       // lanes
+  static constexpr int MR = 4;      // micro-kernel rows
+  static constexpr int NRV = 8;     // micro-kernel vectors per row (NR = NRV * W columns)
+  static constexpr int GEMV_MR = 1; // rows per pass in the small-M kernel
+  using F = float;
+  using I = int32_t;
+  static F zero() { return 0.f; }
+  static F load(const float* p) { return *p; }
+  static void store(float* p, F v) { *p = v; }
+  static F bcast(float v) { return v; }
+  static F fma(F a, F b, F c) { return a * b + c; }
+  static F add(F a, F b) { return a + b; }
+  static F sub(F a, F b) { return a - b; }
+  static F mul(F a, F b) { return a * b; }
+  static I load_u8(const uint8_t* p) { return *p; }
+  static F low_nibble(I v) { return float(v & 15); }
+  static F high_nibble(I v) { return float(v >> 4); }
+  static F load_u8_float(const uint8_t* p) { return float(*p); }
+  static F load_f16(const uint16_t* p) { return half_to_float(*p); }
+  static F load_bf16(const uint16_t* p) {
+    uint32_t u = uint32_t(*p) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+  static float half_to_float(uint16_t h) {
+    uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+    if (exp == 0) {
+      if (man == 0) {
+        u = sign;
+      } else {  // subnormal: normalise
+        int e = -1;
+        do { ++e; man <<= 1; } while (!(man & 0x400));
+        u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3ff) << 13;
+      }
+    } else if (exp == 31) {
+      u = sign | 0x7f800000u | man << 13;
+    } else {
+      u = sign | (exp + 127 - 15) << 23 | man << 13;
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};

@@ -1,0 +1,8 @@
+"""ctp_fast: compressed LLMs on real low-bit kernels, and soft prompts that recover their quality."""
+from .formats import Int4Weight
+from .nn import CompressedLinear, swap_linears
+from .ops import get_isa, int4_linear, int4_linear_grad_input, set_isa, supported_isas
+
+__version__ = "0.1.0"
+__all__ = ["CompressedLinear", "Int4Weight", "get_isa", "int4_linear", "int4_linear_grad_input", "set_isa",
+           "supported_isas", "swap_linears"]

@@ -1,0 +1,155 @@
+"""CompressedLinear: a drop-in nn.Linear whose weight stays packed, and swap_linears to install it."""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..formats.int4 import Int4Weight
+from ..ops import int4_linear
+
+log = logging.getLogger(__name__)
+_WEIGHT_KEYS = ("qweight", "scales", "zeros", "perm")
+
+
+class CompressedLinear(nn.Module):
+    """y = x W^T + b with W kept in a packed low-bit format (frozen buffers).
+
+    The forward runs the packed kernel; the input gradient runs the packed grad_input kernel, so a
+    model made of these can be trained upstream of them (e.g. a soft prompt) with no dense weight.
+    """
+
+    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
+        super().__init__()
+        weight.validate()
+        self.in_features = weight.in_features
+        self.out_features = weight.out_features
+        self._set_weight(weight)
+        if bias is not None:
+            if bias.shape != (self.out_features,):
+                raise ValueError(f"bias: expected shape ({self.out_features},), got {tuple(bias.shape)}")
+            self.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        else:
+            self.register_parameter("bias", None)
+
+    def _set_weight(self, w: Int4Weight) -> None:
+        for key in _WEIGHT_KEYS:
+            self.register_buffer(key, getattr(w, key))
+        self.group_size = w.group_size
+
+    @property
+    def weight_format(self) -> Int4Weight:
+        return Int4Weight(self.qweight, self.scales, self.zeros, self.perm, self.out_features, self.group_size)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+                    scale_dtype: torch.dtype = torch.float16, perm: torch.Tensor | None = None) -> "CompressedLinear":
+        """Quantize an nn.Linear by round-to-nearest (calibrated algorithms live in ctp_fast.compress)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        if bits != 4:
+            raise ValueError(f"bits: only 4-bit weights are implemented so far, got {bits}")
+        w = Int4Weight.pack(linear.weight.detach(), group_size=group_size, symmetric=symmetric,
+                            scale_dtype=scale_dtype, perm=perm)
+        return cls(w, linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.weight_format, self.bias)
+
+    def dequantize(self) -> nn.Linear:
+        """An nn.Linear holding the dense weight this module computes with."""
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight_format.unpack())
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight (bias not included)."""
+        return self.weight_format.nbytes
+
+    def extra_repr(self) -> str:
+        w = self.weight_format
+        g = "per-channel" if w.group_size == -1 else f"g{w.group_size}"
+        kind = "sym" if w.symmetric else "asym"
+        act = ", act-order" if w.perm is not None else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"format=int4 {g} {kind}{act} scales={str(w.scales.dtype).replace('torch.', '')}, "
+                f"bytes={self.nbytes} ({self.nbytes / (self.in_features * self.out_features):.3f}/weight)")
+
+    # ------------------------------------------------------------------ state dict
+    def get_extra_state(self):
+        return self.weight_format.config()
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked and applied in _load_from_state_dict, before any tensor is copied
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        cfg = state_dict.get(prefix + "_extra_state")
+        if cfg is None:
+            raise ValueError(f"{prefix or 'CompressedLinear'}: state_dict has no format config "
+                             f"({prefix}_extra_state); it was not saved from a CompressedLinear")
+        tensors = {k: state_dict[prefix + k] for k in _WEIGHT_KEYS if prefix + k in state_dict}
+        w = Int4Weight.from_state_dict({**tensors, "config": cfg})
+        if (w.out_features, w.in_features) != (self.out_features, self.in_features):
+            raise ValueError(f"{prefix or 'CompressedLinear'}: state_dict holds a {w.out_features}x{w.in_features} "
+                             f"weight, this module is {self.out_features}x{self.in_features}")
+        self._set_weight(Int4Weight(*(None if t is None else t.clone() for t in
+                                      (w.qweight, w.scales, w.zeros, w.perm)), w.out_features, w.group_size))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+@dataclass
+class SwapReport:
+    replaced: list[str]
+    bytes_before: int
+    bytes_after: int
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def __str__(self) -> str:
+        return (f"replaced {len(self.replaced)} linear layers: {self.bytes_before / 2**20:.2f} MiB -> "
+                f"{self.bytes_after / 2**20:.2f} MiB (saved {self.bytes_saved / 2**20:.2f} MiB)")
+
+
+def _matcher(where) -> Callable[[str, nn.Module], bool]:
+    if where is None:
+        return lambda name, mod: True
+    if callable(where):
+        return where
+    patterns = [where] if isinstance(where, str) else list(where)
+    return lambda name, mod: any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def swap_linears(model: nn.Module, where: str | Iterable[str] | Callable[[str, nn.Module], bool] | None = None,
+                 skip: Iterable[str] = ("lm_head", "*.lm_head"), **quant_kwargs) -> SwapReport:
+    """Replace the chosen nn.Linear modules of `model` in place by CompressedLinear.
+
+    where: None (every nn.Linear), fnmatch pattern(s) over module names, or a callable(name, module).
+    skip:  fnmatch patterns never replaced (the output head by default).
+    quant_kwargs go to CompressedLinear.from_linear (bits, group_size, symmetric, scale_dtype).
+    """
+    match, skip = _matcher(where), list(skip)
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, nn.Linear) and match(name, mod)
+               and not any(fnmatch.fnmatch(name, p) for p in skip)]
+    before = after = 0
+    for name, lin in targets:
+        comp = CompressedLinear.from_linear(lin, **quant_kwargs)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, comp)
+        before += lin.weight.numel() * lin.weight.element_size()
+        after += comp.nbytes
+    report = SwapReport([n for n, _ in targets], before, after)
+    log.info("swap_linears: %s", report)
+    return report
