@@ -8,7 +8,7 @@
 #include <cstdlib>
 #include <string>
 
-#include "cpu/int4_kernels.h"
+#include "cpu/qlinear.h"
 
 namespace {
 
@@ -51,24 +51,37 @@ void parallel_torch(int64_t n, void* ctx, ctp::TaskFn body) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) { body(ctx, begin, end); });
 }
 
-// Checks the packed weight and returns a view of it. N is the number of output features.
-ctp::Int4View int4_view(const at::Tensor& qweight, const at::Tensor& scales,
-                        const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& perm,
-                        int64_t N, int64_t group_size) {
-  TORCH_CHECK(qweight.device().is_cpu(), "qweight: expected a CPU tensor, got ", qweight.device());
-  TORCH_CHECK(qweight.scalar_type() == at::kByte, "qweight: expected uint8 packed codes, got ",
-              qweight.scalar_type());
-  TORCH_CHECK(qweight.dim() == 3 && qweight.size(2) == 16,
-              "qweight: expected shape [ceil(N / 32), K, 16], got ", qweight.sizes());
-  TORCH_CHECK(qweight.is_contiguous(), "qweight: expected a contiguous tensor");
-  TORCH_CHECK(N > 0 && (N + 31) / 32 == qweight.size(0), "out_features=", N,
-              " does not match qweight with ", qweight.size(0), " blocks of 32 rows");
-  const int64_t K = qweight.size(1);
-  TORCH_CHECK(K > 0, "qweight: in_features must be positive, got ", K);
+// Checks the packed weight and returns a view of it (layout/bits/sizes as in csrc/cpu/qlinear.h).
+ctp::QView packed_view(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& zeros,
+                       const c10::optional<at::Tensor>& perm, const c10::optional<at::Tensor>& masks,
+                       const c10::optional<at::Tensor>& offsets, int64_t layout, int64_t bits, int64_t N, int64_t K,
+                       int64_t group_size) {
+  TORCH_CHECK(layout >= 0 && layout <= 2, "layout: expected 0 (dense), 1 (2:4) or 2 (unstructured), got ", layout);
+  TORCH_CHECK(N > 0 && K > 0, "out_features and in_features must be positive, got ", N, " and ", K);
   if (group_size == -1) group_size = K;
-  TORCH_CHECK(group_size > 0, "group_size: expected a positive group size or -1 (per channel), got ",
-              group_size);
-  const int64_t G = (K + group_size - 1) / group_size;
+  TORCH_CHECK(group_size > 0, "group_size: expected a positive group size or -1 (per channel), got ", group_size);
+  const int64_t blocks = (N + 31) / 32, G = (K + group_size - 1) / group_size, chunks = (K + 31) / 32;
+  auto check_u8 = [](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
+    TORCH_CHECK(t.scalar_type() == at::kByte, name, ": expected uint8, got ", t.scalar_type());
+    TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
+  };
+  check_u8(codes, "codes");
+  const auto lay = static_cast<ctp::Layout>(layout);
+  if (lay == ctp::Layout::dense) {
+    TORCH_CHECK(bits == 3 || bits == 4 || bits == 8, "bits: dense weights have 3, 4 or 8 bits, got ", bits);
+    TORCH_CHECK(codes.dim() == 3 && codes.size(0) == blocks && codes.size(1) == K && codes.size(2) == 4 * bits,
+                "codes: expected shape [", blocks, ", ", K, ", ", 4 * bits, "] for a ", N, "x", K, " ", bits,
+                "-bit weight, got ", codes.sizes());
+  } else if (lay == ctp::Layout::sparse24) {
+    TORCH_CHECK(K % 4 == 0, "in_features: 2:4 weights need a multiple of 4, got ", K);
+    TORCH_CHECK(codes.dim() == 3 && codes.size(0) == blocks && codes.size(1) == K / 4 && codes.size(2) == 48,
+                "codes: expected shape [", blocks, ", ", K / 4, ", 48] for a ", N, "x", K, " 2:4 weight, got ",
+                codes.sizes());
+  } else {
+    TORCH_CHECK(codes.dim() == 1, "codes: expected the 1-D nibble stream of an unstructured weight, got shape ",
+                codes.sizes());
+  }
   ctp::ScaleType st;
   switch (scales.scalar_type()) {
     case at::kFloat: st = ctp::ScaleType::f32; break;
@@ -77,32 +90,60 @@ ctp::Int4View int4_view(const at::Tensor& qweight, const at::Tensor& scales,
     default: TORCH_CHECK(false, "scales: expected float32, float16 or bfloat16, got ", scales.scalar_type());
   }
   TORCH_CHECK(scales.device().is_cpu(), "scales: expected a CPU tensor, got ", scales.device());
-  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == qweight.size(0) && scales.size(1) == G &&
-                  scales.size(2) == 32,
-              "scales: expected shape [", qweight.size(0), ", ", G, ", 32] for K=", K,
-              " and group_size=", group_size, ", got ", scales.sizes());
+  TORCH_CHECK(scales.dim() == 3 && scales.size(0) == blocks && scales.size(1) == G && scales.size(2) == 32,
+              "scales: expected shape [", blocks, ", ", G, ", 32] for K=", K, " and group_size=", group_size,
+              ", got ", scales.sizes());
   TORCH_CHECK(scales.is_contiguous(), "scales: expected a contiguous tensor");
   const uint8_t* zp = nullptr;
   if (zeros.has_value()) {
-    TORCH_CHECK(zeros->device().is_cpu(), "zeros: expected a CPU tensor, got ", zeros->device());
-    TORCH_CHECK(zeros->scalar_type() == at::kByte, "zeros: expected uint8, got ", zeros->scalar_type());
-    TORCH_CHECK(zeros->sizes() == scales.sizes(), "zeros: expected the shape of scales ", scales.sizes(),
-                ", got ", zeros->sizes());
-    TORCH_CHECK(zeros->is_contiguous(), "zeros: expected a contiguous tensor");
+    check_u8(*zeros, "zeros");
+    TORCH_CHECK(zeros->sizes() == scales.sizes(), "zeros: expected the shape of scales ", scales.sizes(), ", got ",
+                zeros->sizes());
     zp = zeros->data_ptr<uint8_t>();
   }
   const int64_t* pp = nullptr;
   if (perm.has_value()) {
     TORCH_CHECK(perm->device().is_cpu(), "perm: expected a CPU tensor, got ", perm->device());
     TORCH_CHECK(perm->scalar_type() == at::kLong, "perm: expected int64, got ", perm->scalar_type());
-    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K, "perm: expected shape [", K, "], got ",
-                perm->sizes());
+    TORCH_CHECK(perm->dim() == 1 && perm->size(0) == K, "perm: expected shape [", K, "], got ", perm->sizes());
     TORCH_CHECK(perm->is_contiguous(), "perm: expected a contiguous tensor");
     pp = perm->data_ptr<int64_t>();
     for (int64_t k = 0; k < K; ++k)
       TORCH_CHECK(pp[k] >= 0 && pp[k] < K, "perm: entry ", k, " is ", pp[k], ", outside [0, ", K, ")");
   }
-  return ctp::Int4View{qweight.data_ptr<uint8_t>(), scales.data_ptr(), zp, pp, N, K, group_size, st};
+  const uint32_t* mp = nullptr;
+  const int64_t* op = nullptr;
+  if (lay == ctp::Layout::unstructured) {
+    TORCH_CHECK(masks.has_value() && offsets.has_value(), "masks and offsets are required for unstructured weights");
+    TORCH_CHECK(masks->device().is_cpu() && masks->scalar_type() == at::kInt && masks->is_contiguous() &&
+                    masks->sizes() == at::IntArrayRef({blocks, K}),
+                "masks: expected a contiguous CPU int32 tensor of shape [", blocks, ", ", K, "], got ",
+                masks->scalar_type(), " ", masks->sizes());
+    TORCH_CHECK(offsets->device().is_cpu() && offsets->scalar_type() == at::kLong && offsets->is_contiguous() &&
+                    offsets->sizes() == at::IntArrayRef({blocks, chunks}),
+                "offsets: expected a contiguous CPU int64 tensor of shape [", blocks, ", ", chunks, "], got ",
+                offsets->scalar_type(), " ", offsets->sizes());
+    mp = reinterpret_cast<const uint32_t*>(masks->data_ptr<int32_t>());
+    op = offsets->data_ptr<int64_t>();
+    // The decoder trusts offsets and masks to stay inside the stream: check they agree, once per call.
+    int64_t nib = 0;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int64_t k = 0; k < K; ++k) {
+        if (k % 32 == 0)
+          TORCH_CHECK(op[b * chunks + k / 32] == nib, "offsets: entry [", b, ", ", k / 32, "] is ",
+                      op[b * chunks + k / 32], " but the masks before it hold ", nib, " codes");
+        uint32_t m = mp[b * K + k];
+        if (b * 32 + 32 > N) m &= (N - b * 32 >= 32) ? ~0u : ((1u << (N - b * 32)) - 1);
+        TORCH_CHECK(m == mp[b * K + k], "masks: block ", b, " column ", k, " keeps rows past out_features=", N);
+        nib += __builtin_popcount(m);
+      }
+    TORCH_CHECK((nib + 1) / 2 <= codes.numel(), "codes: the masks keep ", nib, " codes but the stream holds only ",
+                codes.numel() * 2);
+  }
+  ctp::QView w{lay, int(bits), codes.data_ptr<uint8_t>(), mp, op, scales.data_ptr(), zp, pp, N, K, group_size, st};
+  const char* bad = ctp::check_view(w);
+  TORCH_CHECK(!bad, bad);
+  return w;
 }
 
 // Activations: fp32 or bf16 on the CPU, last dim `width`; returns an fp32 contiguous 2-D copy/view.
@@ -121,52 +162,58 @@ std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
   return s;
 }
 
-at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& perm,
-                       const c10::optional<at::Tensor>& bias, int64_t out_features, int64_t group_size) {
-  ctp::Int4View w = int4_view(qweight, scales, zeros, perm, out_features, group_size);
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                         const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& perm,
+                         const c10::optional<at::Tensor>& masks, const c10::optional<at::Tensor>& offsets,
+                         const c10::optional<at::Tensor>& bias, int64_t layout, int64_t bits, int64_t out_features,
+                         int64_t in_features, int64_t group_size) {
+  ctp::QView w = packed_view(codes, scales, zeros, perm, masks, offsets, layout, bits, out_features, in_features,
+                             group_size);
   at::Tensor x2 = activations_2d(x, "x", w.K);
   at::Tensor b;
   if (bias.has_value()) {
     TORCH_CHECK(bias->device().is_cpu(), "bias: expected a CPU tensor, got ", bias->device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.N, "bias: expected shape [", w.N, "], got ",
-                bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.N, "bias: expected shape [", w.N, "], got ", bias->sizes());
     TORCH_CHECK(bias->is_floating_point(), "bias: expected a floating tensor, got ", bias->scalar_type());
     b = bias->to(at::kFloat).contiguous();
   }
   at::Tensor y = at::empty({x2.size(0), w.N}, x2.options());
   if (x2.size(0) > 0)
-    ctp::int4_linear(current_isa(), w, x2.data_ptr<float>(), x2.size(0), b.defined() ? b.data_ptr<float>() : nullptr,
-                     y.data_ptr<float>(), parallel_torch);
+    ctp::linear(current_isa(), w, x2.data_ptr<float>(), x2.size(0), b.defined() ? b.data_ptr<float>() : nullptr,
+                y.data_ptr<float>(), parallel_torch);
   return y.to(x.scalar_type()).view(with_last(x, w.N));
 }
 
-at::Tensor int4_linear_grad_input(const at::Tensor& grad_y, const at::Tensor& qweight, const at::Tensor& scales,
-                                  const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& perm,
-                                  int64_t out_features, int64_t group_size) {
-  ctp::Int4View w = int4_view(qweight, scales, zeros, perm, out_features, group_size);
+at::Tensor packed_linear_grad_input(const at::Tensor& grad_y, const at::Tensor& codes, const at::Tensor& scales,
+                                    const c10::optional<at::Tensor>& zeros, const c10::optional<at::Tensor>& perm,
+                                    const c10::optional<at::Tensor>& masks, const c10::optional<at::Tensor>& offsets,
+                                    int64_t layout, int64_t bits, int64_t out_features, int64_t in_features,
+                                    int64_t group_size) {
+  ctp::QView w = packed_view(codes, scales, zeros, perm, masks, offsets, layout, bits, out_features, in_features,
+                             group_size);
   at::Tensor g2 = activations_2d(grad_y, "grad_y", w.N);
   at::Tensor gx = at::empty({g2.size(0), w.K}, g2.options());
   if (g2.size(0) > 0)
-    ctp::int4_linear_grad_input(current_isa(), w, g2.data_ptr<float>(), g2.size(0), gx.data_ptr<float>(),
-                                parallel_torch);
+    ctp::linear_grad_input(current_isa(), w, g2.data_ptr<float>(), g2.size(0), gx.data_ptr<float>(), parallel_torch);
   return gx.to(grad_y.scalar_type()).view(with_last(grad_y, w.K));
 }
 
 }  // namespace
 
+// Weight arguments, in order: codes, scales, zeros, perm, masks, offsets, then layout (0 dense, 1 2:4,
+// 2 unstructured), bits, out_features, in_features, group_size. See csrc/cpu/qlinear.h.
 TORCH_LIBRARY(ctp_fast, m) {
   m.def(
-      "int4_linear(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? bias, "
-      "int out_features, int group_size) -> Tensor");
+      "packed_linear(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? perm, Tensor? masks, "
+      "Tensor? offsets, Tensor? bias, int layout, int bits, int out_features, int in_features, int group_size) -> Tensor");
   m.def(
-      "int4_linear_grad_input(Tensor grad_y, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? perm, "
-      "int out_features, int group_size) -> Tensor");
+      "packed_linear_grad_input(Tensor grad_y, Tensor codes, Tensor scales, Tensor? zeros, Tensor? perm, "
+      "Tensor? masks, Tensor? offsets, int layout, int bits, int out_features, int in_features, int group_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ctp_fast, CPU, m) {
-  m.impl("int4_linear", &int4_linear);
-  m.impl("int4_linear_grad_input", &int4_linear_grad_input);
+  m.impl("packed_linear", &packed_linear);
+  m.impl("packed_linear_grad_input", &packed_linear_grad_input);
 }
 
 PYBIND11_MODULE(_C, m) {

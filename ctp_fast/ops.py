@@ -8,55 +8,58 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the extension, which registers torch.ops.ctp_fast)
-from .formats.int4 import Int4Weight
+from . import _C
+from .formats.base import PackedWeight
 
 _ops = torch.ops.ctp_fast
 
 
-@torch.library.register_fake("ctp_fast::int4_linear")
-def _int4_linear_fake(x, qweight, scales, zeros, perm, bias, out_features, group_size):
-    torch._check(x.shape[-1] == qweight.shape[1], lambda: f"x: expected last dimension {qweight.shape[1]}")
+@torch.library.register_fake("ctp_fast::packed_linear")
+def _packed_linear_fake(x, codes, scales, zeros, perm, masks, offsets, bias, layout, bits, out_features,
+                        in_features, group_size):
+    torch._check(x.shape[-1] == in_features, lambda: f"x: expected last dimension {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-@torch.library.register_fake("ctp_fast::int4_linear_grad_input")
-def _int4_linear_grad_input_fake(grad_y, qweight, scales, zeros, perm, out_features, group_size):
+@torch.library.register_fake("ctp_fast::packed_linear_grad_input")
+def _packed_linear_grad_input_fake(grad_y, codes, scales, zeros, perm, masks, offsets, layout, bits, out_features,
+                                   in_features, group_size):
     torch._check(grad_y.shape[-1] == out_features, lambda: f"grad_y: expected last dimension {out_features}")
-    return grad_y.new_empty((*grad_y.shape[:-1], qweight.shape[1]))
+    return grad_y.new_empty((*grad_y.shape[:-1], in_features))
 
 
-def _int4_setup(ctx, inputs, output):
-    x, qweight, scales, zeros, perm, bias, out_features, group_size = inputs
-    ctx.save_for_backward(qweight, scales, zeros, perm)
-    ctx.out_features, ctx.group_size = out_features, group_size
+def _setup(ctx, inputs, output):
+    x, codes, scales, zeros, perm, masks, offsets, bias, *ints = inputs
+    ctx.save_for_backward(codes, scales, zeros, perm, masks, offsets)
+    ctx.ints = ints
     ctx.has_bias = bias is not None
 
 
-def _int4_backward(ctx, grad_y):
-    qweight, scales, zeros, perm = ctx.saved_tensors
-    grad_x = None
+def _backward(ctx, grad_y):
+    grad_x = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = _ops.int4_linear_grad_input(grad_y, qweight, scales, zeros, perm, ctx.out_features,
-                                             ctx.group_size)
-    grad_b = None
-    if ctx.has_bias and ctx.needs_input_grad[5]:
+        grad_x = _ops.packed_linear_grad_input(grad_y, *ctx.saved_tensors, *ctx.ints)
+    if ctx.has_bias and ctx.needs_input_grad[7]:
         grad_b = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
-    return grad_x, None, None, None, None, grad_b, None, None
+    return (grad_x, None, None, None, None, None, None, grad_b, None, None, None, None, None)
 
 
-torch.library.register_autograd("ctp_fast::int4_linear", _int4_backward, setup_context=_int4_setup)
+torch.library.register_autograd("ctp_fast::packed_linear", _backward, setup_context=_setup)
 
 
-def int4_linear(x: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x W^T + bias straight from the packed int4 weight; differentiable in x (and bias)."""
-    return _ops.int4_linear(x, w.qweight, w.scales, w.zeros, w.perm, bias, w.out_features, w.kernel_group_size)
+def packed_linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x W^T + bias straight from a packed weight (any format); differentiable in x (and bias)."""
+    return _ops.packed_linear(x, *w.kernel_args(), bias, *w.kernel_ints())
 
 
-def int4_linear_grad_input(grad_y: torch.Tensor, w: Int4Weight) -> torch.Tensor:
-    """grad_x = grad_y W straight from the packed int4 weight."""
-    return _ops.int4_linear_grad_input(grad_y, w.qweight, w.scales, w.zeros, w.perm, w.out_features,
-                                       w.kernel_group_size)
+def packed_linear_grad_input(grad_y: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+    """grad_x = grad_y W straight from a packed weight."""
+    return _ops.packed_linear_grad_input(grad_y, *w.kernel_args(), *w.kernel_ints())
+
+
+# The dense int4 entry points under their own names (they accept any packed format).
+int4_linear = packed_linear
+int4_linear_grad_input = packed_linear_grad_input
 
 
 def set_isa(name: str) -> None:

@@ -22,7 +22,16 @@ struct VecAvx2 {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
   static F low_nibble(I v) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); }
+  static F byte_float(I v) { return _mm256_cvtepi32_ps(v); }
   static F high_nibble(I v) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)); }
+  static I srl(I v, int n) { return _mm256_srli_epi32(v, n); }
+  static I and_(I v, int m) { return _mm256_and_si256(v, _mm256_set1_epi32(m)); }
+  static F select_eq(I idx, int c, F val) {
+    return _mm256_and_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(idx, _mm256_set1_epi32(c))), val);
+  }
+  using T4 = __m256;  // 4 floats repeated in each 128-bit lane
+  static T4 table4(const float* p) { return _mm256_broadcast_ps(reinterpret_cast<const __m128*>(p)); }
+  static F permute4(T4 t, I idx) { return _mm256_permutevar_ps(t, idx); }  // uses idx & 3
   static F load_u8_float(const uint8_t* p) { return _mm256_cvtepi32_ps(load_u8(p)); }
   static F load_f16(const uint16_t* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

@@ -22,7 +22,16 @@ struct VecAvx512 {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   static F low_nibble(I v) { return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))); }
+  static F byte_float(I v) { return _mm512_cvtepi32_ps(v); }
   static F high_nibble(I v) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)); }
+  static I srl(I v, int n) { return _mm512_srli_epi32(v, n); }
+  static I and_(I v, int m) { return _mm512_and_si512(v, _mm512_set1_epi32(m)); }
+  static F select_eq(I idx, int c, F val) {
+    return _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(idx, _mm512_set1_epi32(c)), val);
+  }
+  using T4 = __m512;
+  static T4 table4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
+  static F permute4(T4 t, I idx) { return _mm512_permutevar_ps(t, idx); }  // uses idx & 3
   static F load_u8_float(const uint8_t* p) { return _mm512_cvtepi32_ps(load_u8(p)); }
   static F load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

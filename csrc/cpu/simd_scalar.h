@@ -21,7 +21,15 @@ struct VecScalar {
   static F mul(F a, F b) { return a * b; }
   static I load_u8(const uint8_t* p) { return *p; }
   static F low_nibble(I v) { return float(v & 15); }
+  static F byte_float(I v) { return float(v); }
   static F high_nibble(I v) { return float(v >> 4); }
+  static I srl(I v, int n) { return v >> n; }
+  static I and_(I v, int m) { return v & m; }
+  static F select_eq(I idx, int c, F val) { return idx == c ? val : 0.f; }
+  // Table of 4 floats; lane takes table[idx & 3] (the vector ISAs' in-lane permute).
+  using T4 = const float*;
+  static T4 table4(const float* p) { return p; }
+  static F permute4(T4 t, I idx) { return t[idx & 3]; }
   static F load_u8_float(const uint8_t* p) { return float(*p); }
   static F load_f16(const uint16_t* p) { return half_to_float(*p); }
   static F load_bf16(const uint16_t* p) {

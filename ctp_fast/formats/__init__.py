@@ -1,4 +1,7 @@
 """Weight formats: packing, the pure-torch reference `unpack`, sizes and state dicts."""
-from .int4 import Int4Weight, rtn_quantize
+from .base import PackedWeight, quantize
+from .dense import DenseWeight, Int4Weight
+from .sparse24 import Sparse24Weight
+from .unstructured import UnstructuredWeight
 
-__all__ = ["Int4Weight", "rtn_quantize"]
+__all__ = ["DenseWeight", "Int4Weight", "PackedWeight", "Sparse24Weight", "UnstructuredWeight", "quantize"]

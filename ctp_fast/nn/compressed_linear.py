@@ -9,11 +9,22 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..formats.int4 import Int4Weight
-from ..ops import int4_linear
+from ..compress.magnitude import magnitude_mask, parse_sparsity
+from ..formats import DenseWeight, PackedWeight, Sparse24Weight, UnstructuredWeight
+from ..ops import packed_linear
 
 log = logging.getLogger(__name__)
-_WEIGHT_KEYS = ("qweight", "scales", "zeros", "perm")
+_WEIGHT_KEYS = ("qweight", "scales", "zeros", "perm", "masks", "offsets")
+
+
+def format_for(sparsity, mask: torch.Tensor | None) -> type[PackedWeight]:
+    """The packed format that stores a given sparsity: dense, 2:4, or unstructured (also for 4:8)."""
+    kind, arg = parse_sparsity(sparsity)
+    if kind == "nm":
+        return Sparse24Weight if arg == (2, 4) else UnstructuredWeight
+    if kind == "unstructured" or mask is not None:
+        return UnstructuredWeight
+    return DenseWeight
 
 
 class CompressedLinear(nn.Module):
@@ -23,7 +34,7 @@ class CompressedLinear(nn.Module):
     model made of these can be trained upstream of them (e.g. a soft prompt) with no dense weight.
     """
 
-    def __init__(self, weight: Int4Weight, bias: torch.Tensor | None = None):
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None):
         super().__init__()
         weight.validate()
         self.in_features = weight.in_features
@@ -36,29 +47,39 @@ class CompressedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _set_weight(self, w: Int4Weight) -> None:
+    def _set_weight(self, w: PackedWeight) -> None:
         for key in _WEIGHT_KEYS:
-            self.register_buffer(key, getattr(w, key))
-        self.group_size = w.group_size
+            self.register_buffer(key, getattr(w, key, None))
+        self._format_cls, self.group_size, self.bits = type(w), w.group_size, w.bits
 
     @property
-    def weight_format(self) -> Int4Weight:
-        return Int4Weight(self.qweight, self.scales, self.zeros, self.perm, self.out_features, self.group_size)
+    def weight_format(self) -> PackedWeight:
+        """The packed weight (a view of this module's buffers)."""
+        extra = {k: getattr(self, k) for k in self._format_cls.EXTRA_TENSORS}
+        return self._format_cls(self.qweight, self.scales, self.zeros, self.perm, self.out_features,
+                                self.in_features, self.group_size, self.bits, **extra)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
-                    scale_dtype: torch.dtype = torch.float16, perm: torch.Tensor | None = None) -> "CompressedLinear":
-        """Quantize an nn.Linear by round-to-nearest (calibrated algorithms live in ctp_fast.compress)."""
+                    scale_dtype: torch.dtype = torch.float16, perm: torch.Tensor | None = None,
+                    sparsity=None, mask: torch.Tensor | None = None) -> "CompressedLinear":
+        """Quantize (round to nearest) and optionally prune an nn.Linear.
+
+        sparsity: None (dense), "2:4", "4:8" or a fraction such as 0.5; pruning is by magnitude unless a
+        mask of kept weights is given (calibrated algorithms live in ctp_fast.compress).
+        """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
-        if bits != 4:
-            raise ValueError(f"bits: only 4-bit weights are implemented so far, got {bits}")
-        w = Int4Weight.pack(linear.weight.detach(), group_size=group_size, symmetric=symmetric,
-                            scale_dtype=scale_dtype, perm=perm)
+        weight = linear.weight.detach()
+        if mask is None:
+            mask = magnitude_mask(weight, sparsity)
+        fmt = format_for(sparsity, mask)
+        w = fmt.pack(weight, group_size=group_size, symmetric=symmetric, bits=bits, scale_dtype=scale_dtype,
+                     perm=perm, mask=mask)
         return cls(w, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int4_linear(x, self.weight_format, self.bias)
+        return packed_linear(x, self.weight_format, self.bias)
 
     def dequantize(self) -> nn.Linear:
         """An nn.Linear holding the dense weight this module computes with."""
@@ -80,7 +101,7 @@ class CompressedLinear(nn.Module):
         kind = "sym" if w.symmetric else "asym"
         act = ", act-order" if w.perm is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"format=int4 {g} {kind}{act} scales={str(w.scales.dtype).replace('torch.', '')}, "
+                f"format={w.FORMAT} int{w.bits} {g} {kind}{act} scales={str(w.scales.dtype).replace('torch.', '')}, "
                 f"bytes={self.nbytes} ({self.nbytes / (self.in_features * self.out_features):.3f}/weight)")
 
     # ------------------------------------------------------------------ state dict
@@ -97,12 +118,11 @@ class CompressedLinear(nn.Module):
             raise ValueError(f"{prefix or 'CompressedLinear'}: state_dict has no format config "
                              f"({prefix}_extra_state); it was not saved from a CompressedLinear")
         tensors = {k: state_dict[prefix + k] for k in _WEIGHT_KEYS if prefix + k in state_dict}
-        w = Int4Weight.from_state_dict({**tensors, "config": cfg})
+        w = PackedWeight.from_state_dict({**tensors, "config": cfg})
         if (w.out_features, w.in_features) != (self.out_features, self.in_features):
             raise ValueError(f"{prefix or 'CompressedLinear'}: state_dict holds a {w.out_features}x{w.in_features} "
                              f"weight, this module is {self.out_features}x{self.in_features}")
-        self._set_weight(Int4Weight(*(None if t is None else t.clone() for t in
-                                      (w.qweight, w.scales, w.zeros, w.perm)), w.out_features, w.group_size))
+        self._set_weight(w.map(torch.clone))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 

@@ -1,4 +1,4 @@
-// int4 kernels, avx512 instantiation. Compiled for that target whatever the build flags;
+// packed-weight linear kernels, avx512 instantiation. Compiled for that target whatever the build flags;
 // run only when the CPU reports it (isa.cpp).
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 // GCC 12 reports its own _mm512_undefined_* placeholders as maybe-uninitialized.
@@ -6,4 +6,4 @@
 #include "simd_avx512.h"
 using V = VecAvx512;
 #define CTP_ISA_NS avx512
-#include "int4_impl.h"
+#include "qlinear_impl.h"

@@ -1,7 +1,7 @@
-// Run-time choice of instruction set for the int4 kernels.
+// Run-time choice of instruction set for the packed-weight kernels.
 #include <cstring>
 
-#include "int4_kernels.h"
+#include "qlinear.h"
 
 namespace ctp {
 
@@ -47,8 +47,29 @@ bool isa_from_name(const char* name, Isa* out) {
   return false;
 }
 
-void int4_linear(Isa isa, const Int4View& w, const float* x, int64_t M, const float* bias, float* y,
-                 ParallelFn par) {
+const char* check_view(const QView& w) {
+  if (w.N <= 0 || w.K <= 0) return "out_features and in_features must be positive";
+  if (w.group_size <= 0) return "group_size must be positive (or -1 for per channel)";
+  if (!w.codes || !w.scales) return "codes and scales are required";
+  switch (w.layout) {
+    case Layout::dense:
+      if (w.bits != 3 && w.bits != 4 && w.bits != 8) return "dense weights have 3, 4 or 8 bits";
+      return nullptr;
+    case Layout::sparse24:
+      if (w.bits != 4) return "2:4 weights have 4-bit codes";
+      if (w.K % 4) return "2:4 weights need in_features to be a multiple of 4";
+      if (w.group_size % 4) return "2:4 weights need a group size that is a multiple of 4";
+      if (w.perm) return "2:4 weights cannot be act-order permuted (the 2:4 pattern is along input columns)";
+      return nullptr;
+    case Layout::unstructured:
+      if (w.bits != 4) return "unstructured sparse weights have 4-bit codes";
+      if (!w.masks || !w.offsets) return "unstructured sparse weights need masks and offsets";
+      return nullptr;
+  }
+  return "unknown layout";
+}
+
+void linear(Isa isa, const QView& w, const float* x, int64_t M, const float* bias, float* y, ParallelFn par) {
   switch (isa) {
     case Isa::avx512: return avx512::linear(w, x, M, bias, y, par);
     case Isa::avx2: return avx2::linear(w, x, M, bias, y, par);
@@ -56,8 +77,7 @@ void int4_linear(Isa isa, const Int4View& w, const float* x, int64_t M, const fl
   }
 }
 
-void int4_linear_grad_input(Isa isa, const Int4View& w, const float* gy, int64_t M, float* gx,
-                            ParallelFn par) {
+void linear_grad_input(Isa isa, const QView& w, const float* gy, int64_t M, float* gx, ParallelFn par) {
   switch (isa) {
     case Isa::avx512: return avx512::linear_grad_input(w, gy, M, gx, par);
     case Isa::avx2: return avx2::linear_grad_input(w, gy, M, gx, par);

@@ -1,7 +1,7 @@
-// int4 kernels, avx2 instantiation. Compiled for that target whatever the build flags;
+// packed-weight linear kernels, avx2 instantiation. Compiled for that target whatever the build flags;
 // run only when the CPU reports it (isa.cpp).
 #pragma GCC target("avx2,fma,f16c")
 #include "simd_avx2.h"
 using V = VecAvx2;
 #define CTP_ISA_NS avx2
-#include "int4_impl.h"
+#include "qlinear_impl.h"

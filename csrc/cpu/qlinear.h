@@ -1,0 +1,80 @@
+// Linear layers on packed low-bit weights, on the CPU. Plain C++: raw pointers and sizes, no torch.
+//
+// Every layout takes the N output rows in blocks of 32 and stores, per block, one lane per row, so
+// that a SIMD register holds the same column of consecutive rows. The meaning of the bytes is defined
+// by the pure-torch reference in ctp_fast/formats/ (unpack); in short, for block b, column k:
+//
+//   dense, bits 4   codes[(b*K + k)*16 + i]: row 32b+i in the low nibble, row 32b+16+i in the high.
+//   dense, bits 8   codes[(b*K + k)*32 + i]: row 32b+i.
+//   dense, bits 3   codes[(b*K + k)*12 ...]: a 96-bit little-endian stream, row 32b+i at bits 3i..3i+2.
+//   sparse24        per quad j = k/4, 48 bytes at codes[(b*K/4 + j)*48]: the two kept codes of each
+//                   row (slot 0, slot 1) as two 16-byte nibble columns like dense 4-bit, then 16 bytes
+//                   of 2-bit positions: byte i = pos(i, slot0) | pos(i, slot1) << 2 |
+//                   pos(16+i, slot0) << 4 | pos(16+i, slot1) << 6. Unused slots hold code = zero point.
+//   unstructured    masks[b*K + k] bit i: row 32b+i kept. codes: one nibble stream (nibble t in byte
+//                   t/2, low nibble first) of the kept codes, block by block, column by column, rows
+//                   ascending; offsets[b*ceil(K/32) + c] = nibble index where column 32c of block b starts.
+//
+// scales [blocks][G][32] (fp32, fp16 or bf16) and zeros [blocks][G][32] uint8 (null: symmetric, zero
+// point 2^(bits-1)). A stored weight is (q - zero) * scale, 0 where pruned; group g = k / group_size.
+// perm (optional, act-order): packed column k holds input column perm[k]; the kernels gather x through it.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace ctp {
+
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+enum class ScaleType : int { f32 = 0, f16 = 1, bf16 = 2 };
+enum class Layout : int { dense = 0, sparse24 = 1, unstructured = 2 };
+
+struct QView {
+  Layout layout;
+  int bits;                // 3, 4 or 8 for dense; 4 for the sparse layouts
+  const uint8_t* codes;
+  const uint32_t* masks;   // unstructured only
+  const int64_t* offsets;  // unstructured only
+  const void* scales;
+  const uint8_t* zeros;    // null: symmetric
+  const int64_t* perm;     // null: identity
+  int64_t N, K, group_size;
+  ScaleType scale_type;
+  int64_t nblocks() const { return (N + 31) / 32; }
+  int64_t ngroups() const { return (K + group_size - 1) / group_size; }
+  int64_t nchunks() const { return (K + 31) / 32; }
+};
+
+// Run body(ctx, begin, end) over [0, n) split into ranges, possibly in parallel.
+typedef void (*TaskFn)(void* ctx, int64_t begin, int64_t end);
+typedef void (*ParallelFn)(int64_t n, void* ctx, TaskFn body);
+void run_serial(int64_t n, void* ctx, TaskFn body);
+
+// Checks the sizes a layout needs (bits, K % 4 for 2:4, group size a multiple of 4 ...). Returns null
+// when w is usable, else a message naming the constraint.
+const char* check_view(const QView& w);
+
+// y[M, N] = x[M, K] W^T (+ bias[N]); x, y fp32 row-major and contiguous.
+void linear(Isa isa, const QView& w, const float* x, int64_t M, const float* bias, float* y,
+            ParallelFn par = run_serial);
+// gx[M, K] = gy[M, N] W; gy, gx fp32 row-major and contiguous.
+void linear_grad_input(Isa isa, const QView& w, const float* gy, int64_t M, float* gx,
+                       ParallelFn par = run_serial);
+
+// Instruction sets: what this CPU supports, and their names.
+bool isa_supported(Isa isa);
+Isa best_isa();
+const char* isa_name(Isa isa);
+bool isa_from_name(const char* name, Isa* out);
+
+// Per-ISA entry points (namespaced so the three compilations never share a symbol).
+#define CTP_DECLARE_ISA(NS)                                                                        \
+  namespace NS {                                                                                   \
+  void linear(const QView& w, const float* x, int64_t M, const float* bias, float* y, ParallelFn par); \
+  void linear_grad_input(const QView& w, const float* gy, int64_t M, float* gx, ParallelFn par);   \
+  }
+CTP_DECLARE_ISA(scalar)
+CTP_DECLARE_ISA(avx2)
+CTP_DECLARE_ISA(avx512)
+#undef CTP_DECLARE_ISA
+
+}  // namespace ctp
