@@ -140,7 +140,9 @@ ctp::QView packed_view(const at::Tensor& codes, const at::Tensor& scales, const 
     TORCH_CHECK((nib + 1) / 2 <= codes.numel(), "codes: the masks keep ", nib, " codes but the stream holds only ",
                 codes.numel() * 2);
   }
-  ctp::QView w{lay, int(bits), codes.data_ptr<uint8_t>(), mp, op, scales.data_ptr(), zp, pp, N, K, group_size, st};
+  static const uint8_t no_codes = 0;  // a fully pruned weight has an empty (possibly null) code stream
+  const uint8_t* cp = codes.numel() ? codes.data_ptr<uint8_t>() : &no_codes;
+  ctp::QView w{lay, int(bits), cp, mp, op, scales.data_ptr(), zp, pp, N, K, group_size, st};
   const char* bad = ctp::check_view(w);
   TORCH_CHECK(!bad, bad);
   return w;

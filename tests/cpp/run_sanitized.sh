@@ -6,7 +6,8 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 build="$root/build/cpp-asan"
 
-cmake -S "$root" -B "$build" -G Ninja -DCTP_SANITIZE=ON
+gen=(); command -v ninja >/dev/null && gen=(-G Ninja)
+cmake -S "$root" -B "$build" "${gen[@]}" -DCTP_SANITIZE=ON
 cmake --build "$build"
 
 export ASAN_OPTIONS="${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=1}"

@@ -1,23 +1,27 @@
-// Self-contained test of the CPU int4 kernels (csrc/cpu/int4_kernels.h): no torch, no gtest.
+// Self-contained test of the CPU packed-weight kernels (csrc/cpu/qlinear.h): no torch, no gtest.
 //
-// Builds random int4 codes, scales (f32 / f16 / bf16), optional uint8 zeros and an optional
-// act-order permutation, packs them into the documented layout, and compares
-// ctp::int4_linear and ctp::int4_linear_grad_input against a double-precision reference for
-// every instruction set this CPU supports, run serially and on two threads.
+// For every layout (dense 3/4/8-bit, 2:4 sparse, unstructured sparse at several sparsities) builds
+// random codes and masks, scales (f32 / f16 / bf16), optional uint8 zeros and an optional act-order
+// permutation, packs them into the byte layout documented in qlinear.h, and compares ctp::linear and
+// ctp::linear_grad_input against a double-precision reference for every instruction set this CPU
+// supports, run serially and on two threads (the threaded result must match the serial one bitwise).
+// Also checks that ctp::check_view accepts every packed weight and rejects malformed views.
 //
 // Exit status is non-zero on any failure; the last line is "N passed, M failed".
 // CTP_TEST_QUICK=1 in the environment runs a reduced sweep.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
-#include "int4_kernels.h"
+#include "qlinear.h"
 
 namespace {
 
@@ -89,25 +93,52 @@ const char* scale_name(ctp::ScaleType st) {
   }
 }
 
-// ---------------------------------------------------------------- a packed int4 weight
+// ---------------------------------------------------------------- layouts under test
+struct Format {
+  ctp::Layout layout;
+  int bits;
+  int sparsity;  // unstructured only: percent of the weights pruned (0, 50, 90 or 100)
+};
+
+std::string format_name(const Format& f) {
+  char buf[64];
+  switch (f.layout) {
+    case ctp::Layout::dense: std::snprintf(buf, sizeof buf, "dense%d", f.bits); break;
+    case ctp::Layout::sparse24: std::snprintf(buf, sizeof buf, "sparse24"); break;
+    default: std::snprintf(buf, sizeof buf, "unstructured(%d%% pruned)", f.sparsity); break;
+  }
+  return buf;
+}
+
+// ---------------------------------------------------------------- a packed weight
 struct Weight {
+  Format fmt;
   int64_t N, K, gs, G, nb;
   ctp::ScaleType st;
   bool asym, permuted;
   std::vector<uint8_t> q;        // [nb * 32][K] codes in packed column order (padding rows too)
+  std::vector<uint8_t> keep;     // [nb * 32][K] 1 where the weight is stored (kept), packed column order
   std::vector<float> scale;      // [nb * 32][G] scale values exactly as the kernel decodes them
   std::vector<uint8_t> zero;     // [nb * 32][G]
   std::vector<int64_t> perm;     // [K] packed column k holds original column perm[k]
-  // packed buffers
-  std::vector<uint8_t> qweight;  // [nb][K][16]
+  // packed buffers, each allocated to its exact size so that the sanitizer sees any overread
+  std::vector<uint8_t> codes;
+  std::unique_ptr<uint8_t[]> no_codes;  // a non-null, zero-length code buffer (all pruned)
+  std::vector<uint32_t> masks;   // [nb][K] (unstructured)
+  std::vector<int64_t> offsets;  // [nb][ceil(K / 32)] (unstructured)
   std::vector<float> scales_f32;
   std::vector<uint16_t> scales_u16;
   std::vector<uint8_t> zeros;    // [nb][G][32]
   std::vector<double> dense;     // [N][K] reference W in original column order
 
-  ctp::Int4View view() const {
-    ctp::Int4View v;
-    v.qweight = qweight.data();
+  ctp::QView view() const {
+    ctp::QView v;
+    v.layout = fmt.layout;
+    v.bits = fmt.bits;
+    v.codes = codes.empty() ? no_codes.get() : codes.data();
+    const bool unstructured = fmt.layout == ctp::Layout::unstructured;
+    v.masks = unstructured ? masks.data() : nullptr;
+    v.offsets = unstructured ? offsets.data() : nullptr;
     v.scales = st == ctp::ScaleType::f32 ? static_cast<const void*>(scales_f32.data())
                                          : static_cast<const void*>(scales_u16.data());
     v.zeros = asym ? zeros.data() : nullptr;
@@ -120,16 +151,17 @@ struct Weight {
   }
 };
 
-Weight make_weight(Rng& rng, int64_t N, int64_t K, int64_t gs, ctp::ScaleType st, bool asym, bool permuted) {
+Weight make_weight(Rng& rng, const Format& fmt, int64_t N, int64_t K, int64_t gs, ctp::ScaleType st, bool asym,
+                   bool permuted) {
   Weight w;
+  w.fmt = fmt;
   w.N = N, w.K = K, w.gs = gs, w.G = (K + gs - 1) / gs, w.nb = (N + 31) / 32;
   w.st = st, w.asym = asym, w.permuted = permuted;
   const int64_t rows = w.nb * 32, G = w.G;
+  const int levels = 1 << fmt.bits;  // codes are 0 .. levels - 1
 
-  // Random codes, scales and zeros for every row, padding rows included (their output is never
-  // stored, so random values there check that they do not leak into real rows).
-  w.q.resize(rows * K);
-  for (auto& c : w.q) c = uint8_t(rng.below(16));
+  // Random scales and zeros for every row, padding rows included (their output is never stored,
+  // so random values there check that they do not leak into real rows).
   w.scale.resize(rows * G);
   w.zero.resize(rows * G);
   w.scales_f32.resize(rows * G);
@@ -151,7 +183,7 @@ Weight make_weight(Rng& rng, int64_t N, int64_t K, int64_t gs, ctp::ScaleType st
         } else {
           w.scales_f32[idx] = s;
         }
-        uint8_t z = asym ? uint8_t(rng.below(16)) : uint8_t(8);
+        uint8_t z = asym ? uint8_t(rng.below(levels)) : uint8_t(levels / 2);
         w.zeros[idx] = z;
         w.scale[n * G + g] = decoded;
         w.zero[n * G + g] = z;
@@ -164,20 +196,106 @@ Weight make_weight(Rng& rng, int64_t N, int64_t K, int64_t gs, ctp::ScaleType st
   if (permuted)
     for (int64_t k = K - 1; k > 0; --k) std::swap(w.perm[k], w.perm[rng.below(int(k + 1))]);
 
-  // Pack: 16 bytes per (block, column); low nibble row 32b + j, high nibble row 32b + 16 + j.
-  w.qweight.resize(w.nb * K * 16);
-  for (int64_t b = 0; b < w.nb; ++b)
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < 16; ++j) {
-        uint8_t lo = w.q[(b * 32 + j) * K + k], hi = w.q[(b * 32 + 16 + j) * K + k];
-        w.qweight[(b * K + k) * 16 + j] = uint8_t(lo | hi << 4);
-      }
+  // Random codes; which of them are kept depends on the layout.
+  w.q.resize(rows * K);
+  for (auto& c : w.q) c = uint8_t(rng.below(levels));
+  w.keep.assign(rows * K, 0);
 
-  // Reference dense weight: W[n][perm[k]] = (q[n][k] - zero) * scale, group k / gs.
+  if (fmt.layout == ctp::Layout::dense) {
+    std::fill(w.keep.begin(), w.keep.end(), uint8_t(1));
+    const int bytes = 4 * fmt.bits;  // per (block, column)
+    w.codes.assign(w.nb * K * bytes, 0);
+    for (int64_t b = 0; b < w.nb; ++b)
+      for (int64_t k = 0; k < K; ++k) {
+        uint8_t* col = &w.codes[(b * K + k) * bytes];
+        for (int i = 0; i < 32; ++i) {
+          const unsigned c = w.q[(b * 32 + i) * K + k];
+          if (fmt.bits == 4) col[i % 16] |= uint8_t(c << (i < 16 ? 0 : 4));  // row 16 + j: high nibble
+          else if (fmt.bits == 8) col[i] = uint8_t(c);
+          else  // 96-bit little-endian stream, row i at bits 3i .. 3i + 2
+            for (int t = 0; t < 3; ++t)
+              if ((c >> t) & 1) col[(3 * i + t) / 8] |= uint8_t(1u << ((3 * i + t) % 8));
+        }
+      }
+  } else if (fmt.layout == ctp::Layout::sparse24) {
+    // Per row and quad: 0, 1 or 2 kept weights at random distinct positions. Each of the two slots
+    // holds a position; a slot without a kept weight (filler) holds the zero point of the row's
+    // group as its code, at a position different from the other slot's.
+    const int64_t Q = K / 4;
+    std::vector<uint8_t> slot_code(rows * Q * 2), slot_pos(rows * Q * 2);
+    for (int64_t n = 0; n < rows; ++n)
+      for (int64_t j = 0; j < Q; ++j) {
+        const int r = rng.below(6), nkeep = r < 1 ? 0 : r < 3 ? 1 : 2;
+        int pos[4] = {0, 1, 2, 3};
+        for (int t = 0; t < 2; ++t) std::swap(pos[t], pos[t + rng.below(4 - t)]);
+        const int first = rng.below(2);  // which slot gets pos[0]: slot order is arbitrary
+        for (int t = 0; t < 2; ++t) {
+          const int slot = t ^ first, k = int(4 * j) + pos[t];
+          uint8_t code;
+          if (t < nkeep) {
+            code = w.q[n * K + k];
+            w.keep[n * K + k] = 1;
+          } else {
+            code = w.zero[n * G + k / gs];
+          }
+          slot_code[(n * Q + j) * 2 + slot] = code;
+          slot_pos[(n * Q + j) * 2 + slot] = uint8_t(pos[t]);
+        }
+      }
+    w.codes.assign(w.nb * Q * 48, 0);
+    for (int64_t b = 0; b < w.nb; ++b)
+      for (int64_t j = 0; j < Q; ++j) {
+        uint8_t* p = &w.codes[(b * Q + j) * 48];
+        for (int i = 0; i < 16; ++i) {
+          const int64_t lo = ((b * 32 + i) * Q + j) * 2, hi = ((b * 32 + 16 + i) * Q + j) * 2;
+          for (int slot = 0; slot < 2; ++slot)
+            p[16 * slot + i] = uint8_t(slot_code[lo + slot] | slot_code[hi + slot] << 4);
+          p[32 + i] = uint8_t(slot_pos[lo] | slot_pos[lo + 1] << 2 | slot_pos[hi] << 4 | slot_pos[hi + 1] << 6);
+        }
+      }
+  } else {
+    // Unstructured: each real row keeps a weight with probability 1 - sparsity (padding rows keep
+    // none). At 50% and 90% one row is pruned entirely and, where there are two blocks or more, one
+    // block is kept entirely.
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) w.keep[n * K + k] = rng.below(100) >= fmt.sparsity;
+    if (fmt.sparsity > 0 && fmt.sparsity < 100) {
+      int64_t dense_block = -1;
+      if (w.nb >= 2) {
+        dense_block = rng.below(int(w.nb));
+        for (int64_t n = dense_block * 32; n < std::min(N, dense_block * 32 + 32); ++n)
+          for (int64_t k = 0; k < K; ++k) w.keep[n * K + k] = 1;
+      }
+      int64_t empty_row;
+      do empty_row = rng.below(int(N));
+      while (empty_row / 32 == dense_block);
+      for (int64_t k = 0; k < K; ++k) w.keep[empty_row * K + k] = 0;
+    }
+    const int64_t nchunks = (K + 31) / 32;
+    w.masks.assign(w.nb * K, 0);
+    w.offsets.assign(w.nb * nchunks, 0);
+    std::vector<uint8_t> stream;  // kept codes: block by block, column by column, rows ascending
+    for (int64_t b = 0; b < w.nb; ++b)
+      for (int64_t k = 0; k < K; ++k) {
+        if (k % 32 == 0) w.offsets[b * nchunks + k / 32] = int64_t(stream.size());
+        for (int i = 0; i < 32; ++i)
+          if (w.keep[(b * 32 + i) * K + k]) {
+            w.masks[b * K + k] |= 1u << i;
+            stream.push_back(w.q[(b * 32 + i) * K + k]);
+          }
+      }
+    w.codes.assign((stream.size() + 1) / 2, 0);  // nibble t in byte t / 2, low nibble first
+    for (size_t t = 0; t < stream.size(); ++t) w.codes[t / 2] |= uint8_t(stream[t] << (4 * (t & 1)));
+    if (stream.size() % 2) w.codes.back() |= uint8_t(rng.below(16) << 4);  // unused last nibble: junk
+    if (w.codes.empty()) w.no_codes.reset(new uint8_t[0]);
+  }
+
+  // Reference dense weight: W[n][perm[k]] = kept ? (q[n][k] - zero) * scale : 0, group k / gs.
   w.dense.assign(N * K, 0.0);
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) {
       const int64_t g = k / gs;
+      if (!w.keep[n * K + k]) continue;
       w.dense[n * K + w.perm[k]] =
           (double(w.q[n * K + k]) - double(w.zero[n * G + g])) * double(w.scale[n * G + g]);
     }
@@ -230,18 +348,42 @@ bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 std::string describe(ctp::Isa isa, const Weight& w, int64_t M, const char* fn, const char* runner) {
-  char buf[300];
-  std::snprintf(buf, sizeof buf, "isa=%s fn=%s M=%lld N=%lld K=%lld group=%lld%s scales=%s %s perm=%s run=%s",
-                ctp::isa_name(isa), fn, (long long)M, (long long)w.N, (long long)w.K, (long long)w.gs,
-                w.gs == w.K ? "(per-channel)" : "", scale_name(w.st), w.asym ? "asym" : "sym",
+  char buf[400];
+  std::snprintf(buf, sizeof buf,
+                "isa=%s fn=%s layout=%s M=%lld N=%lld K=%lld group=%lld%s scales=%s %s perm=%s run=%s",
+                ctp::isa_name(isa), fn, format_name(w.fmt).c_str(), (long long)M, (long long)w.N, (long long)w.K,
+                (long long)w.gs, w.gs == w.K ? "(per-channel)" : "", scale_name(w.st), w.asym ? "asym" : "sym",
                 w.permuted ? "yes" : "no", runner);
   return buf;
 }
 
+// *dot = sum a[i] b[i], *mag = sum |a[i] b[i]|, in four chains (the reference is a hot loop).
+void dot_mag(const double* a, const double* b, int64_t n, double* dot, double* mag) {
+  double d0 = 0, d1 = 0, d2 = 0, d3 = 0, m0 = 0, m1 = 0, m2 = 0, m3 = 0;
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const double p0 = a[i] * b[i], p1 = a[i + 1] * b[i + 1], p2 = a[i + 2] * b[i + 2], p3 = a[i + 3] * b[i + 3];
+    d0 += p0, d1 += p1, d2 += p2, d3 += p3;
+    m0 += std::fabs(p0), m1 += std::fabs(p1), m2 += std::fabs(p2), m3 += std::fabs(p3);
+  }
+  for (; i < n; ++i) {
+    const double p = a[i] * b[i];
+    d0 += p, m0 += std::fabs(p);
+  }
+  *dot = (d0 + d1) + (d2 + d3);
+  *mag = (m0 + m1) + (m2 + m3);
+}
+
 void test_weight(Rng& rng, const Weight& w, const std::vector<int64_t>& Ms, const std::vector<ctp::Isa>& isas) {
   const int64_t N = w.N, K = w.K;
-  const ctp::Int4View view = w.view();
+  const ctp::QView view = w.view();
+  const char* bad = ctp::check_view(view);
+  check(!bad, describe(ctp::Isa::scalar, w, 0, "check_view", "-") + ": rejects a valid weight: " +
+                  (bad ? bad : ""));
   const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<double> wt(K * N);  // W transposed, for the grad_input reference
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) wt[k * N + n] = w.dense[n * K + k];
   for (int64_t M : Ms) {
     std::vector<float> x(M * K), gy(M * N), bias(N);
     for (auto& v : x) v = rng.uniform(-1.f, 1.f);
@@ -249,27 +391,17 @@ void test_weight(Rng& rng, const Weight& w, const std::vector<int64_t>& Ms, cons
     for (auto& v : bias) v = rng.uniform(-1.f, 1.f);
 
     // y = x W^T (+ bias), gx = gy W, in double; mag = sum |a| |w| per output.
+    const std::vector<double> xd(x.begin(), x.end()), gyd(gy.begin(), gy.end());
     std::vector<double> y_ref(M * N), y_mag(M * N), yb_ref(M * N), yb_mag(M * N);
-    std::vector<double> gx_ref(M * K, 0.0), gx_mag(M * K, 0.0);
+    std::vector<double> gx_ref(M * K), gx_mag(M * K);
     for (int64_t m = 0; m < M; ++m) {
       for (int64_t n = 0; n < N; ++n) {
-        double acc = 0, mag = 0;
-        const double* wr = &w.dense[n * K];
-        const float* xr = &x[m * K];
-        for (int64_t k = 0; k < K; ++k) {
-          acc += double(xr[k]) * wr[k];
-          mag += std::fabs(double(xr[k]) * wr[k]);
-        }
+        double acc, mag;
+        dot_mag(&xd[m * K], &w.dense[n * K], K, &acc, &mag);
         y_ref[m * N + n] = acc, y_mag[m * N + n] = mag;
         yb_ref[m * N + n] = acc + bias[n], yb_mag[m * N + n] = mag + std::fabs(double(bias[n]));
-        const double g = gy[m * N + n];
-        double* gr = &gx_ref[m * K];
-        double* gm = &gx_mag[m * K];
-        for (int64_t k = 0; k < K; ++k) {
-          gr[k] += g * wr[k];
-          gm[k] += std::fabs(g * wr[k]);
-        }
       }
+      for (int64_t k = 0; k < K; ++k) dot_mag(&gyd[m * N], &wt[k * N], N, &gx_ref[m * K + k], &gx_mag[m * K + k]);
     }
 
     for (ctp::Isa isa : isas) {
@@ -278,8 +410,8 @@ void test_weight(Rng& rng, const Weight& w, const std::vector<int64_t>& Ms, cons
         const bool threaded = run.fn != ctp::run_serial;
         for (int with_bias = 0; with_bias < 2; ++with_bias) {
           std::vector<float> y(M * N, nan);
-          ctp::int4_linear(isa, view, x.data(), M, with_bias ? bias.data() : nullptr, y.data(), run.fn);
-          const char* fn = with_bias ? "int4_linear(bias)" : "int4_linear(no bias)";
+          ctp::linear(isa, view, x.data(), M, with_bias ? bias.data() : nullptr, y.data(), run.fn);
+          const char* fn = with_bias ? "linear(bias)" : "linear(no bias)";
           std::string err = compare(y, with_bias ? yb_ref : y_ref, with_bias ? yb_mag : y_mag, N);
           check(err.empty(), describe(isa, w, M, fn, run.name) + ": " + err);
           if (!threaded) serial_y[with_bias] = y;
@@ -287,11 +419,11 @@ void test_weight(Rng& rng, const Weight& w, const std::vector<int64_t>& Ms, cons
                      describe(isa, w, M, fn, run.name) + ": threaded result differs bitwise from serial");
         }
         std::vector<float> gx(M * K, nan);
-        ctp::int4_linear_grad_input(isa, view, gy.data(), M, gx.data(), run.fn);
+        ctp::linear_grad_input(isa, view, gy.data(), M, gx.data(), run.fn);
         std::string err = compare(gx, gx_ref, gx_mag, K);
-        check(err.empty(), describe(isa, w, M, "int4_linear_grad_input", run.name) + ": " + err);
+        check(err.empty(), describe(isa, w, M, "linear_grad_input", run.name) + ": " + err);
         if (!threaded) serial_gx = gx;
-        else check(same_bits(gx, serial_gx), describe(isa, w, M, "int4_linear_grad_input", run.name) +
+        else check(same_bits(gx, serial_gx), describe(isa, w, M, "linear_grad_input", run.name) +
                                                  ": threaded result differs bitwise from serial");
       }
     }
@@ -311,6 +443,46 @@ void test_isa_names() {
   check(ctp::isa_supported(ctp::Isa::scalar), "scalar is always supported");
 }
 
+// check_view: null for usable views, a message for each broken constraint.
+void test_check_view(Rng& rng) {
+  using ctp::Layout;
+  const Weight d = make_weight(rng, Format{Layout::dense, 4, 0}, 40, 64, 32, ctp::ScaleType::f16, false, false);
+  const Weight s = make_weight(rng, Format{Layout::sparse24, 4, 0}, 40, 64, 32, ctp::ScaleType::f16, true, false);
+  const Weight u = make_weight(rng, Format{Layout::unstructured, 4, 50}, 40, 64, 32, ctp::ScaleType::f16, false, true);
+  struct Case {
+    const char* what;
+    ctp::QView v;
+    bool good;
+  };
+  std::vector<Case> cases;
+  ctp::QView v;
+  cases.push_back({"dense bits 4", d.view(), true});
+  v = d.view(), v.bits = 3, cases.push_back({"dense bits 3", v, true});
+  v = d.view(), v.bits = 8, cases.push_back({"dense bits 8", v, true});
+  v = d.view(), v.perm = d.perm.data(), cases.push_back({"dense with perm", v, true});
+  cases.push_back({"sparse24", s.view(), true});
+  cases.push_back({"unstructured with perm", u.view(), true});
+  v = d.view(), v.bits = 5, cases.push_back({"dense bits 5", v, false});
+  v = d.view(), v.bits = 2, cases.push_back({"dense bits 2", v, false});
+  v = s.view(), v.K = 62, cases.push_back({"sparse24 with K % 4 != 0", v, false});
+  v = s.view(), v.perm = d.perm.data(), cases.push_back({"sparse24 with perm", v, false});
+  v = s.view(), v.group_size = 30, cases.push_back({"sparse24 with group size 30", v, false});
+  v = s.view(), v.bits = 3, cases.push_back({"sparse24 bits 3", v, false});
+  v = u.view(), v.masks = nullptr, cases.push_back({"unstructured without masks", v, false});
+  v = u.view(), v.offsets = nullptr, cases.push_back({"unstructured without offsets", v, false});
+  v = u.view(), v.bits = 8, cases.push_back({"unstructured bits 8", v, false});
+  v = d.view(), v.N = 0, cases.push_back({"N = 0", v, false});
+  v = d.view(), v.K = 0, cases.push_back({"K = 0", v, false});
+  v = d.view(), v.group_size = 0, cases.push_back({"group size 0", v, false});
+  v = d.view(), v.codes = nullptr, cases.push_back({"no codes", v, false});
+  v = d.view(), v.scales = nullptr, cases.push_back({"no scales", v, false});
+  for (const Case& c : cases) {
+    const char* msg = ctp::check_view(c.v);
+    if (c.good) check(msg == nullptr, std::string("check_view accepts ") + c.what + ", got: " + (msg ? msg : ""));
+    else check(msg != nullptr && *msg, std::string("check_view rejects ") + c.what);
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -326,31 +498,53 @@ int main() {
   for (ctp::Isa isa : isas) std::printf(" %s", ctp::isa_name(isa));
   std::printf("%s\n", quick ? " (CTP_TEST_QUICK: reduced sweep)" : "");
 
-  test_isa_names();
-
-  const std::vector<int64_t> Ms = quick ? std::vector<int64_t>{1, 3, 7, 33}
-                                        : std::vector<int64_t>{1, 2, 3, 5, 7, 16, 33};
-  const int64_t shapes[][2] = {{32, 32}, {33, 40}, {64, 100}, {96, 576}, {200, 129}};
-  const ctp::ScaleType scale_types[] = {ctp::ScaleType::f32, ctp::ScaleType::f16, ctp::ScaleType::bf16};
-
   Rng rng(12345);
-  int configs = 0;
-  for (const auto& nk : shapes) {
-    const int64_t N = nk[0], K = nk[1];
-    std::vector<int64_t> groups;
-    for (int64_t gs : {int64_t(32), int64_t(64), int64_t(128), K}) {
-      bool dup = false;
-      for (int64_t g : groups) dup |= g == gs;
-      if (!dup) groups.push_back(gs);
-    }
-    for (int64_t gs : groups)
-      for (int asym = 0; asym < 2; ++asym)
-        for (int permuted = 0; permuted < 2; ++permuted)
-          for (ctp::ScaleType st : scale_types) {
-            Weight w = make_weight(rng, N, K, gs, st, asym != 0, permuted != 0);
-            test_weight(rng, w, Ms, isas);
-            ++configs;
+  test_isa_names();
+  test_check_view(rng);
+
+  // M <= 4 takes the small-M kernels (rows in pairs on AVX2, fours on AVX-512), larger M the tiled ones
+  // (micro-kernel rows: 4 scalar, 6 AVX2, 8 AVX-512; M = 33 also splits the rows into two tasks on scalar).
+  const std::vector<int64_t> Ms = quick ? std::vector<int64_t>{1, 3, 7, 33}
+                                        : std::vector<int64_t>{1, 3, 4, 5, 7, 10, 33};
+  // Partial last blocks, K past one forward tile (256) and one grad tile (128), N past one grad tile (256).
+  const int64_t shapes[][2] = {{32, 32}, {33, 40}, {64, 100}, {96, 264}, {200, 129}, {264, 68}};
+  const ctp::ScaleType scale_types[] = {ctp::ScaleType::f32, ctp::ScaleType::f16, ctp::ScaleType::bf16};
+  using ctp::Layout;
+  const Format formats[] = {{Layout::dense, 4, 0},        {Layout::dense, 3, 0},
+                            {Layout::dense, 8, 0},        {Layout::sparse24, 4, 0},
+                            {Layout::unstructured, 4, 0}, {Layout::unstructured, 4, 50},
+                            {Layout::unstructured, 4, 90}, {Layout::unstructured, 4, 100}};
+
+  int configs = 0, rotation = 0;
+  for (const Format& fmt : formats) {
+    const bool s24 = fmt.layout == Layout::sparse24;
+    int fmt_configs = 0;
+    for (const auto& nk : shapes) {
+      const int64_t N = nk[0], K = nk[1];
+      if (s24 && K % 4) continue;  // 2:4 needs whole quads
+      // Group sizes up to K, per channel included; 20 straddles the 32-column chunks.
+      std::vector<int64_t> groups;
+      for (int64_t gs : {int64_t(20), int64_t(32), int64_t(128), K}) {
+        bool dup = gs > K;
+        for (int64_t g : groups) dup |= g == gs;
+        if (!dup && !(s24 && gs % 4)) groups.push_back(gs);
+      }
+      for (int64_t gs : groups)
+        for (int asym = 0; asym < 2; ++asym)
+          for (int permuted = 0; permuted < (s24 ? 1 : 2); ++permuted) {
+            // The scale types take turns: over consecutive group sizes each (zeros, perm) pair of a
+            // layout meets all three.
+            const ctp::ScaleType turn = scale_types[rotation++ % 3];
+            for (ctp::ScaleType st : scale_types) {
+              if (st != turn) continue;
+              Weight w = make_weight(rng, fmt, N, K, gs, st, asym != 0, permuted != 0);
+              test_weight(rng, w, Ms, isas);
+              ++configs, ++fmt_configs;
+            }
           }
+    }
+    std::printf("%-26s %3d weight configurations\n", format_name(fmt).c_str(), fmt_configs);
+    std::fflush(stdout);
   }
   std::printf("%d weight configurations x %zu values of M x %zu isas\n", configs, Ms.size(), isas.size());
   std::printf("%d passed, %d failed\n", g_passed, g_failed);

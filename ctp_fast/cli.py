@@ -1,0 +1,150 @@
+"""The `ctp` command line (also `python -m ctp_fast`).
+
+  ctp compress --model smollm2-135m --method gptq --bits 4 --group-size 128 --out runs/gptq4
+  ctp eval --model runs/gptq4 --corpora wiki,wikixml,news
+  ctp bench kernels [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+log = logging.getLogger("ctp_fast")
+
+
+def _sparsity(value: str):
+    if value in ("", "none", "None"):
+        return None
+    return value if ":" in value else float(value)
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    from .compress.pipeline import METHODS
+
+    p.add_argument("--method", default="gptq", choices=METHODS)
+    p.add_argument("--bits", default="4", help="3, 4, 8, or 'none' to prune only")
+    p.add_argument("--group-size", type=int, default=128, help="32, 64, 128, or -1 for per channel")
+    p.add_argument("--asym", action="store_true", help="asymmetric quantization (zero points)")
+    p.add_argument("--act-order", action="store_true", help="GPTQ act-order (columns by decreasing Hessian diagonal)")
+    p.add_argument("--sparsity", type=_sparsity, default=None, help="'2:4', '4:8' or a fraction such as 0.5")
+    p.add_argument("--damp", type=float, default=0.01)
+    p.add_argument("--no-true-sequential", action="store_true")
+
+
+def _add_data_args(p: argparse.ArgumentParser, windows: int) -> None:
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", type=int, default=windows, help="token windows used")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _load_any(path: str):
+    """A compressed checkpoint directory, a shipped model name or a local HF directory."""
+    from .checkpoint import QUANT_METHOD, load_compressed
+    from .data import load_model
+
+    cfg = Path(path) / "config.json"
+    if cfg.exists() and (json.loads(cfg.read_text()).get("quantization_config") or {}).get("quant_method") == QUANT_METHOD:
+        from transformers import AutoTokenizer
+
+        model = load_compressed(path)
+        model.eval()
+        return model, AutoTokenizer.from_pretrained(path)
+    return load_model(path)
+
+
+def cmd_compress(args) -> int:
+    import torch
+
+    from .checkpoint import save_compressed
+    from .compress.pipeline import Recipe, compress
+    from .data import corpus_split, load_model, token_windows
+
+    torch.manual_seed(args.seed)
+    recipe = Recipe(method=args.method, bits=None if args.bits == "none" else int(args.bits),
+                    group_size=args.group_size, symmetric=not args.asym, act_order=args.act_order,
+                    sparsity=args.sparsity, damp=args.damp, true_sequential=not args.no_true_sequential)
+    model, tok = load_model(args.model)
+    calib = None
+    if recipe.needs_calibration:
+        calib = token_windows(tok, corpus_split(args.calib_corpus, "train", args.seed), args.seqlen, args.windows)
+        log.info("calibration: %d windows of %d tokens from %s (train split)", len(calib), args.seqlen, args.calib_corpus)
+    resume = Path(args.out).with_name(Path(args.out).name + ".resume") if args.resume else None
+    report = compress(model, recipe, calib, batch_size=args.batch_size, resume_dir=resume)
+    print(report)
+    if recipe.bits is None:
+        print("prune-only recipe: weights stay dense floats (with zeros); nothing packed to save")
+        return 0
+    save_compressed(model, args.out, tok, extra={"recipe": report.recipe, "calibration_corpus": args.calib_corpus,
+                                                 "calibration_windows": report.calibration_windows})
+    print(f"saved to {args.out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import corpus_split, token_windows
+    from .eval import perplexity
+
+    model, tok = _load_any(args.model)
+    bos = "gemma" in type(model).__name__.lower()
+    rows = []
+    for corpus in args.corpora.split(","):
+        windows = token_windows(tok, corpus_split(corpus, args.split, args.seed), args.seqlen, args.windows, bos=bos)
+        r = perplexity(model, windows, args.batch_size, progress=True, desc=f"{corpus} ({args.split})")
+        rows.append((corpus, len(windows), r.tokens, r.loss, r.ppl))
+    print(f"{'corpus':10} {'windows':>8} {'tokens':>8} {'loss':>8} {'ppl':>10}")
+    for corpus, n, t, loss, ppl in rows:
+        print(f"{corpus:10} {n:8d} {t:8d} {loss:8.4f} {ppl:10.3f}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_int4.py"
+    if not script.exists():
+        print(f"benchmark script not found at {script} (run from a source checkout)", file=sys.stderr)
+        return 2
+    return subprocess.call([sys.executable, str(script), *args.rest])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ctp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("compress", help="compress a model and save it")
+    p.add_argument("--model", default="smollm2-135m", help="shipped model name or local HF directory")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--calib-corpus", default="wiki", help="corpus name or text file / folder")
+    p.add_argument("--resume", action="store_true", help="keep a resume point per finished block in OUT.resume")
+    _add_recipe_args(p)
+    _add_data_args(p, windows=128)
+    p.set_defaults(fn=cmd_compress)
+
+    p = sub.add_parser("eval", help="perplexity on corpora")
+    p.add_argument("--model", default="smollm2-135m", help="compressed checkpoint, shipped model name or HF directory")
+    p.add_argument("--corpora", default="wiki,wikixml,news")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    _add_data_args(p, windows=8)
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    p.add_argument("what", choices=("kernels",))
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
+    p.set_defaults(fn=cmd_bench)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ctp {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
