@@ -2,6 +2,8 @@
 
   ctp compress --model smollm2-135m --method gptq --bits 4 --group-size 128 --out runs/gptq4
   ctp eval --model runs/gptq4 --corpora wiki,wikixml,news
+  ctp tune --model runs/gptq4 --corpus wiki --out runs/prompt
+  ctp demo [--quick]
   ctp bench kernels [--quick]
 """
 from __future__ import annotations
@@ -102,6 +104,36 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .data import corpus_split, token_windows
+    from .prompt import TuneConfig, tune
+
+    model, tok = _load_any(args.model)
+    bos = "gemma" in type(model).__name__.lower()
+    win = lambda split, n: token_windows(tok, corpus_split(args.corpus, split, args.seed), args.seqlen, n, bos=bos)  # noqa: E731
+    cfg = TuneConfig(n_tokens=args.n_tokens, init=args.init, init_text=args.init_text, optimizer=args.optimizer,
+                     lr=args.lr, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                     eval_every=args.eval_every, dtype=args.dtype, schedule=args.schedule, seed=args.seed,
+                     warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm)
+    qcfg = (getattr(model.config, "quantization_config", None) or {})
+    result = tune(model, win("train", None), win("val", args.val_windows), cfg, out_dir=args.out, resume=args.resume,
+                  test_windows=win("test", args.val_windows), tokenizer=tok,
+                  metadata={"model": args.model, "corpus": args.corpus,
+                            "compression": qcfg.get("recipe") if isinstance(qcfg, dict) else None})
+    print(f"best val ppl {result.best_val_ppl:.3f} at step {result.best_step}; test ppl {result.test_ppl:.3f}; "
+          f"prompt saved in {args.out}/best")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, run_demo
+
+    kw = {"out": args.out, "model": args.model}
+    cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
+    run_demo(cfg)
+    return 0
+
+
 def cmd_bench(args) -> int:
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_int4.py"
     if not script.exists():
@@ -130,6 +162,33 @@ def main(argv=None) -> int:
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     _add_data_args(p, windows=8)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("tune", help="learn a soft prompt for a (compressed) model")
+    p.add_argument("--model", default="smollm2-135m", help="compressed checkpoint, shipped model name or HF directory")
+    p.add_argument("--corpus", default="wiki")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out exactly")
+    p.add_argument("--n-tokens", type=int, default=20)
+    p.add_argument("--init", default="vocab", choices=("vocab", "text", "random"))
+    p.add_argument("--init-text", default=None)
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adafactor"))
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--schedule", default="cosine", choices=("cosine", "linear", "constant"))
+    p.add_argument("--warmup-steps", type=int, default=None)
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--val-windows", type=int, default=8)
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    _add_data_args(p, windows=0)
+    p.set_defaults(fn=cmd_tune, seqlen=256)
+
+    p = sub.add_parser("demo", help="the main job: compress SmolLM2, learn a prompt, print the table")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a small run (about 4 minutes on 2 cores)")
+    p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks")
     p.add_argument("what", choices=("kernels",))

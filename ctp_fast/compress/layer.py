@@ -10,6 +10,7 @@ with and `to_packed().unpack()` equals `weight` exactly.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -333,6 +334,19 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, perm: torch.Tensor | No
     return U, dead
 
 
+@contextmanager
+def single_thread():
+    """The column sweep is thousands of small ops: threads only add synchronisation (and, on a busy
+    machine, waits on descheduled threads that made it 10x slower), so it runs on one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@single_thread()
 def obs_sweep(W: torch.Tensor, U: torch.Tensor, *, bits: int | None, group_size: int, symmetric: bool,
               scale_dtype: torch.dtype, block_size: int, mask: torch.Tensor | None = None,
               prune: tuple | None = None):

@@ -1,0 +1,246 @@
+"""`ctp demo`: the whole story on the shipped SmolLM2-135M, in one table.
+
+1. Evaluate the dense model on three corpora (wiki lead sections, wiki articles, news).
+2. Compress it twice with SparseGPT, jointly with int4: 4-bit + 50% unstructured and 4-bit + 2:4.
+3. Learn a soft prompt on the 4-bit + 50% model (wiki train split, best by wiki validation loss),
+   with gradients through the packed kernels.
+4. Evaluate compressed, compressed + prompt, the prompt on the other compression and on the dense
+   model (transfer), on all three corpora; cloze accuracy; model bytes; tokens per second; peak memory
+   of tuning on the packed model against the dense fp32 model.
+Writes report.md, report.json and PNG plots into --out.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoint import save_compressed
+from .compress.pipeline import Recipe, compress
+from .data import corpus_split, load_model, local_model_dir, token_windows
+from .eval import cloze_accuracy, cloze_examples, perplexity
+from .fileio import write_json, write_text
+from .nn.compressed_linear import CompressedLinear
+
+log = logging.getLogger(__name__)
+CORPORA = ("wiki", "wikixml", "news")
+RECIPES = {"int4+50%": dict(method="sparsegpt", bits=4, sparsity=0.5),
+           "int4+2:4": dict(method="sparsegpt", bits=4, sparsity="2:4")}
+
+
+@dataclass
+class DemoConfig:
+    model: str = "smollm2-135m"
+    out: str = "runs/demo"
+    quick: bool = False
+    group_size: int = 64            # divides SmolLM2's 576 and 1536
+    calib_windows: int = 64
+    calib_seqlen: int = 256
+    eval_windows: int = 8
+    eval_seqlen: int = 512
+    n_tokens: int = 20
+    steps: int = 150
+    batch_size: int = 4
+    train_seqlen: int = 128
+    eval_every: int = 25
+    lr: float | None = None
+    cloze: int = 100
+    seed: int = 0
+
+    @classmethod
+    def quick_config(cls, **kw) -> "DemoConfig":
+        base = dict(quick=True, calib_windows=16, calib_seqlen=128, eval_windows=2, eval_seqlen=256, steps=30,
+                    batch_size=2, eval_every=10, cloze=30)
+        base.update(kw)
+        return cls(**base)
+
+
+def linear_bytes(model) -> tuple[int, int]:
+    """(bytes of the decoder linears as stored, as fp32)."""
+    stored = fp32 = 0
+    for mod in model.modules():
+        if isinstance(mod, CompressedLinear):
+            stored += mod.nbytes
+            fp32 += mod.in_features * mod.out_features * 4
+        elif isinstance(mod, torch.nn.Linear) and mod.weight is not model.get_input_embeddings().weight:
+            stored += mod.weight.numel() * mod.weight.element_size()
+            fp32 += mod.weight.numel() * 4
+    return stored, fp32
+
+
+@torch.no_grad()
+def tokens_per_second(model, tok, prefill: int = 256, decode: int = 16) -> tuple[float, float]:
+    ids = torch.randint(100, 10000, (1, prefill), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids[:, :32], use_cache=False)  # warm-up
+    t = time.perf_counter()
+    model(input_ids=ids, use_cache=False)
+    pre = prefill / (time.perf_counter() - t)
+    t = time.perf_counter()
+    model.generate(ids[:, :32], max_new_tokens=decode, min_new_tokens=decode, do_sample=False,
+                   pad_token_id=tok.eos_token_id)
+    dec = decode / (time.perf_counter() - t)
+    return pre, dec
+
+
+_PEAK_SCRIPT = r"""
+import resource, sys, json, torch
+from ctp_fast.checkpoint import load_compressed
+from ctp_fast.data import load_model
+from ctp_fast.prompt import SoftPrompt
+from ctp_fast.prompt.soft_prompt import prompted_forward
+path, batch, seqlen, steps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model = load_compressed(path) if sys.argv[5] == "packed" else load_model(path)[0]
+model.eval()
+for p in model.parameters():
+    p.requires_grad_(False)
+prompt = SoftPrompt.from_vocab(model, 20, seed=0)
+opt = torch.optim.AdamW(prompt.parameters(), lr=1e-2)
+ids = torch.randint(100, 10000, (batch, seqlen), generator=torch.Generator().manual_seed(0))
+for _ in range(steps):
+    out = prompted_forward(model, prompt, ids, labels=ids)
+    out.loss.backward()
+    opt.step(); opt.zero_grad()
+print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def tuning_peak_mib(path: str, kind: str, batch: int, seqlen: int, steps: int = 2) -> float:
+    """Peak resident memory of a fresh process that loads the model (packed checkpoint or dense) and runs
+    prompt-tuning steps, in MiB."""
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, path, str(batch), str(seqlen), str(steps), kind],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    from .prompt import TuneConfig, tune
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    dense, tok = load_model(cfg.model)
+    bos = "gemma" in type(dense).__name__.lower()
+    evals = {c: token_windows(tok, corpus_split(c, "test", cfg.seed), cfg.eval_seqlen, cfg.eval_windows, bos=bos)
+             for c in CORPORA}
+    train = token_windows(tok, corpus_split("wiki", "train", cfg.seed), cfg.train_seqlen, bos=bos,
+                          max_windows=max(cfg.steps * cfg.batch_size, 64))
+    val = token_windows(tok, corpus_split("wiki", "val", cfg.seed), cfg.train_seqlen, bos=bos,
+                        max_windows=max(4, cfg.eval_windows * 2))
+    cloze_set = cloze_examples(tok, corpus_split("wiki", "test", cfg.seed), cfg.cloze, bos=bos)
+    calib = token_windows(tok, corpus_split("wiki", "train", cfg.seed + 1), cfg.calib_seqlen, cfg.calib_windows, bos=bos)
+
+    def losses(model, prompt=None, label=""):
+        return {c: perplexity(model, w, 4, prompt=prompt, desc=f"{label} {c}", progress=True).loss
+                for c, w in evals.items()}
+
+    rows = {"dense": {"loss": losses(dense, label="dense")}}
+    models = {}
+    for name, spec in RECIPES.items():
+        model = copy.deepcopy(dense)
+        recipe = Recipe(group_size=cfg.group_size, true_sequential=not cfg.quick, **spec)
+        rep = compress(model, recipe, calib, batch_size=8)
+        models[name] = model
+        save_compressed(model, out / f"model-{name.replace(':', '-').replace('%', 'pct')}", tok,
+                        extra={"recipe": rep.recipe})
+        rows[name] = {"loss": losses(model, label=name), "compress_s": rep.seconds}
+    source = "int4+50%"
+    tcfg = TuneConfig(n_tokens=cfg.n_tokens, steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
+                      lr=cfg.lr, seed=cfg.seed)
+    result = tune(models[source], train, val, tcfg, out_dir=out / "prompt", test_windows=evals["wiki"],
+                  metadata={"model": cfg.model, "compression": RECIPES[source], "corpus": "wiki"})
+    prompt = result.prompt
+    rows[source + " + prompt"] = {"loss": losses(models[source], prompt, f"{source}+prompt")}
+    rows["int4+2:4 + prompt (transfer)"] = {"loss": losses(models["int4+2:4"], prompt, "int4+2:4+prompt")}
+    rows["dense + prompt (transfer)"] = {"loss": losses(dense, prompt, "dense+prompt")}
+
+    # cloze, bytes, speed
+    for name, model, p in [("dense", dense, None), (source, models[source], None),
+                           (source + " + prompt", models[source], prompt), ("int4+2:4", models["int4+2:4"], None)]:
+        rows[name]["cloze"] = cloze_accuracy(model, cloze_set, prompt=p, progress=True)
+    for name, model in [("dense", dense), *models.items()]:
+        rows[name]["bytes"], rows[name]["bytes_fp32"] = linear_bytes(model)
+        rows[name]["prefill_tok_s"], rows[name]["decode_tok_s"] = tokens_per_second(model, tok)
+
+    # peak memory of tuning: packed checkpoint vs dense fp32, same batch and length, fresh processes
+    packed_dir = str(out / "model-int4+50pct")
+    mem = {"batch": cfg.batch_size, "seqlen": cfg.train_seqlen,
+           "dense_fp32_mib": tuning_peak_mib(str(local_model_dir(cfg.model)), "dense", cfg.batch_size, cfg.train_seqlen),
+           "packed_mib": tuning_peak_mib(packed_dir, "packed", cfg.batch_size, cfg.train_seqlen)}
+    mem["weights_saved_mib"] = (rows["dense"]["bytes"] - rows[source]["bytes"]) / 2**20
+    mem["peak_saved_mib"] = mem["dense_fp32_mib"] - mem["packed_mib"]
+    mem["share_of_weight_saving"] = mem["peak_saved_mib"] / mem["weights_saved_mib"]
+
+    report = {"config": asdict(cfg), "rows": rows, "memory": mem, "tune": result.to_dict(),
+              "seconds": time.time() - t0}
+    write_json(out / "report.json", report)
+    text = render(report)
+    write_text(out / "report.md", text)
+    plot(report, out / "demo.png")
+    print(text)
+    return report
+
+
+def gap(rows, target: str, tuned: str, corpus: str) -> float | None:
+    """(loss_compressed - loss_prompted) / (loss_compressed - loss_dense), in test loss."""
+    lc, lp, ld = rows[target]["loss"][corpus], rows[tuned]["loss"][corpus], rows["dense"]["loss"][corpus]
+    return None if lc - ld <= 0 else (lc - lp) / (lc - ld)
+
+
+def render(report: dict) -> str:
+    rows, cfg, mem = report["rows"], report["config"], report["memory"]
+    head = "| setting | " + " | ".join(f"{c} ppl" for c in CORPORA) + " | cloze | linears MiB | prefill tok/s | decode tok/s |"
+    lines = [f"# ctp demo: {cfg['model']}{' (quick)' if cfg['quick'] else ''}", "",
+             f"Test split, {cfg['eval_windows']} windows x {cfg['eval_seqlen']} tokens per corpus; prompt of "
+             f"{cfg['n_tokens']} tokens tuned {cfg['steps']} steps on the int4+50% model (wiki train, best by wiki val).",
+             "", head, "|" + " --- |" * (len(CORPORA) + 5)]
+    for name, r in rows.items():
+        cells = [f"{math.exp(r['loss'][c]):.2f}" for c in CORPORA]
+        cloze = f"{100 * r['cloze']:.1f}%" if "cloze" in r else ""
+        size = f"{r['bytes'] / 2**20:.1f}" if "bytes" in r else ""
+        pre = f"{r['prefill_tok_s']:.0f}" if "prefill_tok_s" in r else ""
+        dec = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else ""
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {cloze} | {size} | {pre} | {dec} |")
+    lines += ["", "Gap recovered, in test loss: (loss_compressed - loss_prompted) / (loss_compressed - loss_dense)", "",
+              "| prompt learned on int4+50% (wiki), applied to | " + " | ".join(CORPORA) + " |",
+              "|" + " --- |" * (len(CORPORA) + 1)]
+    for target, tuned in [("int4+50%", "int4+50% + prompt"), ("int4+2:4", "int4+2:4 + prompt (transfer)")]:
+        vals = [gap(rows, target, tuned, c) for c in CORPORA]
+        lines.append(f"| {target} | " + " | ".join("n/a" if v is None else f"{100 * v:.1f}%" for v in vals) + " |")
+    d = rows["dense"]["loss"]
+    dp = rows["dense + prompt (transfer)"]["loss"]
+    lines.append("| dense (loss change) | " + " | ".join(f"{dp[c] - d[c]:+.3f}" for c in CORPORA) + " |")
+    lines += ["", f"Peak memory of prompt tuning (batch {mem['batch']} x {mem['seqlen']} tokens, fresh process): "
+              f"dense fp32 {mem['dense_fp32_mib']:.0f} MiB, packed int4+50% {mem['packed_mib']:.0f} MiB; "
+              f"saved {mem['peak_saved_mib']:.0f} MiB = {100 * mem['share_of_weight_saving']:.0f}% of the "
+              f"{mem['weights_saved_mib']:.0f} MiB of weights compression saved.",
+              "", f"Total time {report['seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    width = 0.8 / len(CORPORA)
+    for i, c in enumerate(CORPORA):
+        ax.bar([j + i * width for j in range(len(names))], [rows[n]["loss"][c] for n in names], width, label=c)
+    ax.set_xticks([j + width for j in range(len(names))], names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("test loss (log perplexity)")
+    ax.set_title("ctp demo: compression and prompt recovery")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
