@@ -14,9 +14,19 @@ from .formats.base import PackedWeight
 _ops = torch.ops.ctp_fast
 
 
+def _check_devices(first: str, x, **tensors) -> None:
+    # A meta tensor anywhere routes the call here rather than to the CPU kernel (whose checks would
+    # fire), so mixed devices must be refused here, or a CPU call would return uninitialised memory.
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{name}: expected a tensor on {x.device} like {first}, got {t.device}")
+
+
 @torch.library.register_fake("ctp_fast::packed_linear")
 def _packed_linear_fake(x, codes, scales, zeros, perm, masks, offsets, bias, layout, bits, out_features,
                         in_features, group_size):
+    _check_devices("x", x, codes=codes, scales=scales, zeros=zeros, perm=perm, masks=masks, offsets=offsets,
+                   bias=bias)
     torch._check(x.shape[-1] == in_features, lambda: f"x: expected last dimension {in_features}")
     return x.new_empty((*x.shape[:-1], out_features))
 
@@ -24,6 +34,8 @@ def _packed_linear_fake(x, codes, scales, zeros, perm, masks, offsets, bias, lay
 @torch.library.register_fake("ctp_fast::packed_linear_grad_input")
 def _packed_linear_grad_input_fake(grad_y, codes, scales, zeros, perm, masks, offsets, layout, bits, out_features,
                                    in_features, group_size):
+    _check_devices("grad_y", grad_y, codes=codes, scales=scales, zeros=zeros, perm=perm, masks=masks,
+                   offsets=offsets)
     torch._check(grad_y.shape[-1] == out_features, lambda: f"grad_y: expected last dimension {out_features}")
     return grad_y.new_empty((*grad_y.shape[:-1], in_features))
 

@@ -160,27 +160,18 @@ def test_all_meta_inputs_infer_the_shape(w):
         int4_linear(torch.randn(2, K + 1, device="meta"), wm)
 
 
-MIXED_DEVICE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG ctp_fast/ops.py: the fake/meta impl registered with torch.library.register_fake never checks "
-           "devices, and with any meta tensor among the arguments the dispatcher picks that meta kernel instead "
-           "of the CPU kernel (whose device checks would fire): no error is raised. With a meta x the result "
-           "is a meta tensor; with a CPU x and meta weight tensors it is an UNINITIALIZED CPU tensor (garbage).")
-
-
-@MIXED_DEVICE_BUG
+# A meta tensor among the arguments routes the call to the fake impl, which must refuse mixed devices
+# (before the fix, a CPU x with meta weights returned uninitialised memory).
 def test_meta_x_with_cpu_weight_is_rejected(w):
     with pytest.raises(RuntimeError, match=r"(x|codes|scales).*(device|CPU|cpu|meta)"):
         int4_linear(torch.randn(3, K).to("meta"), w)
 
 
-@MIXED_DEVICE_BUG
 def test_cpu_x_with_meta_weight_is_rejected(w):
     with pytest.raises(RuntimeError, match=r"(x|codes|scales).*(device|CPU|cpu|meta)"):
         int4_linear(torch.randn(3, K), w.to("meta"))
 
 
-@MIXED_DEVICE_BUG
 def test_meta_bias_with_cpu_x_is_rejected(w):
     with pytest.raises(RuntimeError, match=r"bias.*(device|CPU|cpu|meta)"):
         int4_linear(torch.randn(3, K), w, torch.randn(N, device="meta"))
