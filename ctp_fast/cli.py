@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -90,17 +91,45 @@ def cmd_compress(args) -> int:
 def cmd_eval(args) -> int:
     from .data import corpus_split, token_windows
     from .eval import perplexity
+    from .prompt import load_prompt
 
     model, tok = _load_any(args.model)
+    prompt = load_prompt(args.prompt)[0] if args.prompt else None
     bos = "gemma" in type(model).__name__.lower()
     rows = []
     for corpus in args.corpora.split(","):
         windows = token_windows(tok, corpus_split(corpus, args.split, args.seed), args.seqlen, args.windows, bos=bos)
-        r = perplexity(model, windows, args.batch_size, progress=True, desc=f"{corpus} ({args.split})")
+        r = perplexity(model, windows, args.batch_size, prompt=prompt, progress=True, desc=f"{corpus} ({args.split})")
         rows.append((corpus, len(windows), r.tokens, r.loss, r.ppl))
     print(f"{'corpus':10} {'windows':>8} {'tokens':>8} {'loss':>8} {'ppl':>10}")
     for corpus, n, t, loss, ppl in rows:
         print(f"{corpus:10} {n:8d} {t:8d} {loss:8.4f} {ppl:10.3f}")
+    return 0
+
+
+def cmd_transfer(args) -> int:
+    """Source prompt x target model matrix: perplexity and gap recovered (in test loss)."""
+    from .data import corpus_split, token_windows
+    from .eval import perplexity
+    from .prompt import load_prompt
+
+    targets = dict(item.split("=", 1) for item in args.models.split(","))
+    prompts = {p: load_prompt(p)[0] for p in args.prompts.split(",")}
+    corpora = args.corpora.split(",")
+    dense, tok = _load_any(args.dense)
+    windows = {c: token_windows(tok, corpus_split(c, args.split, args.seed), args.seqlen, args.windows) for c in corpora}
+    loss = lambda m, p, c: perplexity(m, windows[c], args.batch_size, prompt=p).loss  # noqa: E731
+    base = {c: loss(dense, None, c) for c in corpora}
+    print(f"{'source prompt':28} {'target':14} {'corpus':8} {'ppl':>9} {'no prompt':>10} {'dense':>8} {'gap recovered':>14}")
+    for tname, path in targets.items():
+        model = dense if path == args.dense else _load_any(path)[0]
+        for c in corpora:
+            lc = loss(model, None, c)
+            for pname, prompt in prompts.items():
+                lp = loss(model, prompt, c)
+                rec = "n/a (no gap)" if lc <= base[c] else f"{100 * (lc - lp) / (lc - base[c]):.1f}%"
+                print(f"{pname[-28:]:28} {tname:14} {c:8} {math.exp(lp):9.3f} {math.exp(lc):10.3f} "
+                      f"{math.exp(base[c]):8.3f} {rec:>14}")
     return 0
 
 
@@ -160,8 +189,18 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="smollm2-135m", help="compressed checkpoint, shipped model name or HF directory")
     p.add_argument("--corpora", default="wiki,wikixml,news")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--prompt", default=None, help="a soft prompt folder to prepend (PEFT layout)")
     _add_data_args(p, windows=8)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("transfer", help="prompts x compressed models: perplexity and gap recovered")
+    p.add_argument("--prompts", required=True, help="comma-separated prompt folders (ctp tune --out .../best)")
+    p.add_argument("--models", required=True, help="comma-separated NAME=PATH targets (checkpoints or model names)")
+    p.add_argument("--dense", default="smollm2-135m", help="the uncompressed model the gap is measured to")
+    p.add_argument("--corpora", default="wiki,wikixml,news")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    _add_data_args(p, windows=8)
+    p.set_defaults(fn=cmd_transfer)
 
     p = sub.add_parser("tune", help="learn a soft prompt for a (compressed) model")
     p.add_argument("--model", default="smollm2-135m", help="compressed checkpoint, shipped model name or HF directory")

@@ -82,7 +82,7 @@ def load_corpus(name: str) -> list[str]:
     (documents separated by blank lines)."""
     loaders = {"wiki": _wiki_summaries, "wikixml": _wiki_articles, "news": _news}
     if name in loaders:
-        return loaders[name]()
+        return _unique(loaders[name]())
     path = Path(name)
     if path.is_dir():
         files = sorted(path.glob("*.txt"))
@@ -93,7 +93,12 @@ def load_corpus(name: str) -> list[str]:
     docs = [d.strip() for f in files for d in re.split(r"\n\s*\n", f.read_text(errors="replace")) if d.strip()]
     if not docs:
         raise ValueError(f"corpus: {name!r} holds no text")
-    return docs
+    return _unique(docs)
+
+
+def _unique(docs: list[str]) -> list[str]:
+    """Exact duplicates dropped (the Lee corpus repeats documents), so no text sits in two splits."""
+    return list(dict.fromkeys(docs))
 
 
 def split_documents(docs: list[str], seed: int = 0, fractions=(0.8, 0.1, 0.1)) -> dict[str, list[str]]:

