@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from ctp_fast import CompressedLinear
+from ctp_fast.nn import dequantized_copy, linear_bytes
 from ctp_fast.compress.pipeline import Recipe, compress
 from ctp_fast.data import corpus_split, load_model, token_windows
 from ctp_fast.eval import perplexity
@@ -38,29 +39,6 @@ RECIPES = {
     "joint SparseGPT int4 + 50%": dict(method="sparsegpt", bits=4, sparsity=0.5),
     "joint SparseGPT int4 + 2:4": dict(method="sparsegpt", bits=4, sparsity="2:4"),
 }
-
-
-def dequantized(model):
-    """A copy of the model with every CompressedLinear replaced by its dense nn.Linear."""
-    dense = copy.deepcopy(model)
-    for name, mod in list(dense.named_modules()):
-        if isinstance(mod, CompressedLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent), child, mod.dequantize())
-    return dense
-
-
-def model_bytes(model) -> tuple[int, int]:
-    """(bytes of the decoder linears as stored, bytes they would take in fp32)."""
-    stored = dense = 0
-    for mod in model.modules():
-        if isinstance(mod, CompressedLinear):
-            stored += mod.nbytes
-            dense += mod.in_features * mod.out_features * 4
-        elif isinstance(mod, torch.nn.Linear) and mod.out_features != model.config.vocab_size:
-            stored += mod.weight.numel() * 4
-            dense += mod.weight.numel() * 4
-    return stored, dense
 
 
 def main() -> None:
@@ -98,9 +76,9 @@ def main() -> None:
         t = time.time()
         nll = perplexity(model, test, batch_size=4, progress=True, desc=name)
         row.update(loss=nll.loss, ppl=nll.ppl, eval_s=time.time() - t, tokens=nll.tokens)
-        row["bytes_stored"], row["bytes_fp32"] = model_bytes(model)
+        row["bytes_stored"], row["bytes_fp32"] = linear_bytes(model)
         if any(isinstance(m, CompressedLinear) for m in model.modules()):
-            ref = perplexity(dequantized(model), test, batch_size=4)
+            ref = perplexity(dequantized_copy(model), test, batch_size=4)
             row["ppl_dequantized_dense"] = ref.ppl
             row["loss_abs_diff_vs_dequantized"] = abs(ref.loss - nll.loss)
         results[name] = row

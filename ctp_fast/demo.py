@@ -28,7 +28,7 @@ from .compress.pipeline import Recipe, compress
 from .data import corpus_split, load_model, local_model_dir, token_windows
 from .eval import cloze_accuracy, cloze_examples, perplexity
 from .fileio import write_json, write_text
-from .nn.compressed_linear import CompressedLinear
+from .nn.compressed_linear import linear_bytes
 
 log = logging.getLogger(__name__)
 CORPORA = ("wiki", "wikixml", "news")
@@ -61,19 +61,6 @@ class DemoConfig:
                     batch_size=2, eval_every=10, cloze=30)
         base.update(kw)
         return cls(**base)
-
-
-def linear_bytes(model) -> tuple[int, int]:
-    """(bytes of the decoder linears as stored, as fp32)."""
-    stored = fp32 = 0
-    for mod in model.modules():
-        if isinstance(mod, CompressedLinear):
-            stored += mod.nbytes
-            fp32 += mod.in_features * mod.out_features * 4
-        elif isinstance(mod, torch.nn.Linear) and mod.weight is not model.get_input_embeddings().weight:
-            stored += mod.weight.numel() * mod.weight.element_size()
-            fp32 += mod.weight.numel() * 4
-    return stored, fp32
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctp_fast import CompressedLinear, Int4Weight, int4_linear, swap_linears
+from ctp_fast.nn import dequantized_copy
 
 from conftest import error_scale
 
@@ -392,15 +393,6 @@ def _toy():
     return ToyLM().eval()
 
 
-def _dequantized_copy(model):
-    m = copy.deepcopy(model)
-    for name, mod in list(m.named_modules()):
-        if isinstance(mod, CompressedLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(m.get_submodule(parent), child, mod.dequantize())
-    return m
-
-
 def test_swap_linears_default_replaces_all_but_lm_head():
     dense = _toy()
     model = copy.deepcopy(dense)
@@ -424,7 +416,7 @@ def test_swap_linears_default_replaces_all_but_lm_head():
     ids = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         y_dense, y_q = dense(ids), model(ids)
-        y_deq = _dequantized_copy(model)(ids)
+        y_deq = dequantized_copy(model)(ids)
     rel = (y_q - y_dense).norm() / y_dense.norm()
     assert 0 < rel < 0.2, rel
     torch.testing.assert_close(y_q, y_deq, rtol=1e-4, atol=1e-5)
@@ -464,7 +456,7 @@ def test_swapped_model_trains_upstream():
     dense = _toy()
     model = copy.deepcopy(dense)
     swap_linears(model, group_size=32)
-    deq = _dequantized_copy(model)
+    deq = dequantized_copy(model)
     ids = torch.randint(0, 50, (2, 6))
     model(ids).square().mean().backward()
     deq(ids).square().mean().backward()

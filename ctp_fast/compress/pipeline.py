@@ -151,20 +151,28 @@ def _run_block(block, inputs):
 
 def _stages(block, names, inputs):
     """Groups the block's linears by shared input, in execution order (q/k/v | o | gate/up | down)."""
-    seen: dict[str, int] = {}
-    handles = []
-    for name in names:
-        handles.append(block.get_submodule(name).register_forward_pre_hook(
-            lambda m, args, name=name: seen.setdefault(name, args[0].data_ptr()) and None))
+    seen: dict[str, torch.Tensor] = {}  # the inputs are held, so no two distinct ones share an address
+    def record(name):
+        def hook(module, args):
+            seen.setdefault(name, args[0])
+        return hook
+
+    handles = [block.get_submodule(name).register_forward_pre_hook(record(name)) for name in names]
     try:
         _run_block(block, inputs[:1])
     finally:
         for h in handles:
             h.remove()
-    stages: dict[int, list[str]] = {}
+    stages: list[tuple[torch.Tensor | None, list[str]]] = []
     for name in sorted(names, key=lambda n: list(seen).index(n) if n in seen else len(seen)):
-        stages.setdefault(seen.get(name, -1), []).append(name)
-    return list(stages.values())
+        x = seen.get(name)
+        for key, members in stages:
+            if key is x:
+                members.append(name)
+                break
+        else:
+            stages.append((x, [name]))
+    return [members for _, members in stages]
 
 
 def compress_layer(linear: nn.Linear, recipe: Recipe, stats=None):

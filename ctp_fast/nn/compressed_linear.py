@@ -1,6 +1,7 @@
 """CompressedLinear: a drop-in nn.Linear whose weight stays packed, and swap_linears to install it."""
 from __future__ import annotations
 
+import copy
 import fnmatch
 import logging
 from dataclasses import dataclass
@@ -166,3 +167,29 @@ def swap_linears(model: nn.Module, where: str | Iterable[str] | Callable[[str, n
     report = SwapReport([n for n, _ in targets], before, after)
     log.info("swap_linears: %s", report)
     return report
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every CompressedLinear replaced by the nn.Linear of its dequantized
+    weight: the same weights in dense floats (the reference the packed kernels are checked against)."""
+    dense = copy.deepcopy(model)
+    for name, mod in list(dense.named_modules()):
+        if isinstance(mod, CompressedLinear):
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent) if parent else dense, child, mod.dequantize())
+    return dense
+
+
+def linear_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes the model's linears take as stored, bytes they would take in fp32), the input embedding
+    (or an output head tied to it) not counted."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    stored = fp32 = 0
+    for mod in model.modules():
+        if isinstance(mod, CompressedLinear):
+            stored += mod.nbytes
+            fp32 += mod.in_features * mod.out_features * 4
+        elif isinstance(mod, nn.Linear) and (emb is None or mod.weight is not emb.weight):
+            stored += mod.weight.numel() * mod.weight.element_size()
+            fp32 += mod.weight.numel() * 4
+    return stored, fp32
