@@ -57,8 +57,8 @@ class DemoConfig:
 
     @classmethod
     def quick_config(cls, **kw) -> "DemoConfig":
-        base = dict(quick=True, calib_windows=16, calib_seqlen=128, eval_windows=2, eval_seqlen=256, steps=30,
-                    batch_size=2, eval_every=10, cloze=30)
+        base = dict(quick=True, calib_windows=8, calib_seqlen=128, eval_windows=2, eval_seqlen=256, steps=20,
+                    batch_size=2, train_seqlen=64, eval_every=10, cloze=30)
         base.update(kw)
         return cls(**base)
 

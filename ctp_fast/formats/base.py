@@ -55,12 +55,13 @@ def check_perm(perm, k: int) -> torch.Tensor:
 
 
 def quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-             mask: torch.Tensor | None = None):
+             mask: torch.Tensor | None = None, scale_dtype: torch.dtype = torch.float32):
     """Round-to-nearest group quantization of a [N, K] weight, GPTQ's conventions.
 
     Only kept entries (mask True) shape the ranges; pruned entries get the zero point as code.
-    Returns integer codes [N, K] (uint8), scales [N, G] (fp32), zeros [N, G] (uint8; 2^(bits-1) when
-    symmetric). Symmetric: scale = 2 max|w| / maxq. Asymmetric: the range widened to include 0,
+    Returns integer codes [N, K] (uint8), scales [N, G] (fp32, rounded to `scale_dtype` before the codes
+    are chosen), zeros [N, G] (uint8; 2^(bits-1) when symmetric). Symmetric: scale = 2 max|w| / maxq.
+    Asymmetric: the range widened to include 0,
     scale = range / maxq, zero = round(-min / scale).
     """
     maxq = 2 ** bits - 1
@@ -82,6 +83,7 @@ def quantize(weight: torch.Tensor, bits: int, group_size: int, symmetric: bool,
         scale = (hi - lo) / maxq
         zero = torch.round(-lo / torch.where(scale == 0, torch.ones_like(scale), scale))
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = scale.to(scale_dtype).float()  # codes are chosen against the scale that will be stored
     q = torch.clamp(torch.round(wp / scale[..., None]) + zero[..., None], 0, maxq)
     q = torch.where(kp, q, zero[..., None].expand_as(q))
     codes = q.view(n, groups * g)[:, :k].to(torch.uint8)
@@ -165,7 +167,7 @@ class PackedWeight:
             weight = weight[:, perm]
             mask = None if mask is None else mask[:, perm]
         mask = cls._check_mask(mask, weight.shape)
-        codes, scales, zeros = quantize(weight, bits, group_size, symmetric, mask)
+        codes, scales, zeros = quantize(weight, bits, group_size, symmetric, mask, scale_dtype)
         return cls.from_codes(codes, scales, None if symmetric else zeros, group_size, perm, scale_dtype,
                               bits=bits, mask=mask)
 
