@@ -78,7 +78,7 @@ def tokens_per_second(model, tok, prefill: int = 256, decode: int = 16) -> tuple
 
 
 _PEAK_SCRIPT = r"""
-import resource, sys, json, torch
+import sys, json, torch
 from ctp_fast.checkpoint import load_compressed
 from ctp_fast.data import load_model
 from ctp_fast.prompt import SoftPrompt
@@ -95,7 +95,9 @@ for _ in range(steps):
     out = prompted_forward(model, prompt, ids, labels=ids)
     out.loss.backward()
     opt.step(); opt.zero_grad()
-print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: this process image's peak resident memory (ru_maxrss would carry the parent's peak over exec)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print(json.dumps({"peak_rss_mib": hwm / 1024}))
 """
 
 
