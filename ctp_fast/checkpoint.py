@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .fileio import atomic_path
-from .formats.base import FORMAT_VERSION, PackedWeight, _REGISTRY
+from .formats.base import FORMAT_VERSION, _REGISTRY
 from .nn.compressed_linear import CompressedLinear
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import ctp_fast  # noqa: E402  (registers the transformers quantizer)
+import ctp_fast  # noqa: E402,F401  (registers the transformers quantizer)
 from ctp_fast import CompressedLinear  # noqa: E402
 from ctp_fast.nn import dequantized_copy  # noqa: E402
 from ctp_fast.checkpoint import check_checkpoint, load_compressed, save_compressed  # noqa: E402

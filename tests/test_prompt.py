@@ -6,7 +6,6 @@ shipped model is not installed) for PEFT interoperability.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -17,7 +16,7 @@ from safetensors.torch import save_file
 
 import ctp_fast
 from ctp_fast.eval.perplexity import perplexity
-from ctp_fast.nn import CompressedLinear
+from ctp_fast.nn import CompressedLinear, dequantized_copy
 from ctp_fast.prompt import (SoftPrompt, TuneConfig, load_prompt, prompted_forward, save_prompt, scored_targets,
                              tune)
 from ctp_fast.prompt.io import CONFIG_NAME, META_NAME, WEIGHTS_NAME
@@ -166,20 +165,11 @@ def test_left_and_right_padding_match_unpadded(family):
 
 
 # ---------------------------------------------------------------------------------------------- gradients
-def _dequantized(model):
-    dense = copy.deepcopy(model)
-    for name, mod in list(dense.named_modules()):
-        if isinstance(mod, CompressedLinear):
-            parent, _, child = name.rpartition(".")
-            setattr(dense.get_submodule(parent) if parent else dense, child, mod.dequantize())
-    return dense
-
-
 def test_prompt_grad_through_compressed_linears_matches_dense():
     model = tiny_llama(seed=1)
     report = ctp_fast.swap_linears(model, group_size=32)
     assert len(report.replaced) == 2 * 7
-    dense = _dequantized(model)
+    dense = dequantized_copy(model)
     assert not any(isinstance(m, CompressedLinear) for m in dense.modules())
     for m in (model, dense):
         for prm in m.parameters():
