@@ -114,11 +114,13 @@ struct DenseDec {
   }
 };
 
-// Positions of one slot of a 2:4 quad, one int lane per row (only the low 2 bits are meaningful
-// after the shift; permute4 and select_eq mask or compare them).
-static inline void positions24(const uint8_t* pos, int slot, I* idx) {
+// One slot of a 2:4 quad (48 bytes at p): the rows' codes as floats, and their positions, one int
+// lane per row (only the low 2 bits are meaningful after the shift; permute4 ignores the rest,
+// select_eq callers mask them).
+static inline void decode_slot24(const uint8_t* p, int slot, F* d, I* idx) {
+  decode4(p + 16 * slot, d);
   for (int c = 0; c < C; ++c) {
-    I iv = V::load_u8(pos + c * W);
+    I iv = V::load_u8(p + 32 + c * W);
     idx[c] = V::srl(iv, 2 * slot);
     idx[C + c] = V::srl(iv, 2 * slot + 4);
   }
@@ -143,8 +145,7 @@ struct Sparse24Dec {
       for (int slot = 0; slot < 2; ++slot) {
         F d[NV];
         I idx[NV];
-        decode4(p + 16 * slot, d);
-        positions24(p + 32, slot, idx);
+        decode_slot24(p, slot, d, idx);
         for (int v = 0; v < NV; ++v) {
           F val = gs.value(v, d[v]);
           I pos = V::and_(idx[v], 3);
@@ -293,8 +294,7 @@ static void gemv24_block(const QView& w, int64_t b, const float* x, int64_t m0, 
       for (int slot = 0; slot < 2; ++slot) {
         F d[NV];
         I idx[NV];
-        decode4(p + 16 * slot, d);
-        positions24(p + 32, slot, idx);
+        decode_slot24(p, slot, d, idx);
         for (int r = 0; r < MRT; ++r) {
           typename V::T4 xq = V::table4(x + (m0 + r) * K + k);
           for (int v = 0; v < NV; ++v) {
