@@ -85,6 +85,11 @@ def cmd_compress(args) -> int:
     save_compressed(model, args.out, tok, extra={"recipe": report.recipe, "calibration_corpus": args.calib_corpus,
                                                  "calibration_windows": report.calibration_windows})
     print(f"saved to {args.out}")
+    if args.export_compressed_tensors:
+        from .export import export_compressed_tensors
+
+        export_compressed_tensors(model, args.export_compressed_tensors, tok)
+        print(f"exported (compressed-tensors pack-quantized) to {args.export_compressed_tensors}")
     return 0
 
 
@@ -181,6 +186,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-corpus", default="wiki", help="corpus name or text file / folder")
     p.add_argument("--resume", action="store_true", help="keep a resume point per finished block in OUT.resume")
+    p.add_argument("--export-compressed-tensors", metavar="DIR", default=None,
+                   help="also write the model in compressed-tensors pack-quantized layout (dense symmetric int4)")
     _add_recipe_args(p)
     _add_data_args(p, windows=128)
     p.set_defaults(fn=cmd_compress)

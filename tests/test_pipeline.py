@@ -216,3 +216,29 @@ def test_token_windows_are_non_overlapping_and_drop_the_remainder():
     assert (wb[:, 0] == 1).all() and wb[:, 1:].flatten().tolist() == flat[:20]
     with pytest.raises(ValueError, match="fewer than one window"):
         token_windows(_Tok(), ["ab"], 64)
+
+
+def test_compressed_tensors_export_round_trips(tmp_path):
+    from safetensors.torch import load_file
+
+    from ctp_fast.export import export_compressed_tensors, unpack_int32
+
+    model = tiny_llama()
+    compress(model, Recipe(method="gptq", bits=4, group_size=32, act_order=True), CALIB, progress=False)
+    export_compressed_tensors(model, tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert cfg["format"] == "pack-quantized" and cfg["config_groups"]["group_0"]["weights"]["group_size"] == 32
+    assert "lm_head" in cfg["ignore"]
+    st = load_file(str(tmp_path / "ct" / "model.safetensors"))
+    mod = decoder_layers(model)[0].mlp.down_proj
+    name = "model.layers.0.mlp.down_proj"
+    n, k = st[f"{name}.weight_shape"].tolist()
+    codes = unpack_int32(st[f"{name}.weight_packed"], k).float()
+    g_idx = st[f"{name}.weight_g_idx"].long()
+    w = (codes - 8) * st[f"{name}.weight_scale"].float()[:, g_idx]  # compressed-tensors' meaning
+    torch.testing.assert_close(w, mod.weight_format.unpack(), rtol=0, atol=0)
+    assert st[f"{name}.weight_packed"].dtype == torch.int32 and st[f"{name}.weight_packed"].shape == (n, k // 8)
+    asym = tiny_llama()
+    compress(asym, Recipe(method="rtn", bits=4, group_size=32, symmetric=False), None, progress=False)
+    with pytest.raises(ValueError, match="asymmetric"):
+        export_compressed_tensors(asym, tmp_path / "x")
