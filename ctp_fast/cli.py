@@ -65,7 +65,7 @@ def cmd_compress(args) -> int:
 
     from .checkpoint import save_compressed
     from .compress.pipeline import Recipe, compress
-    from .data import corpus_split, load_model, token_windows
+    from .data import corpus_split, load_model, local_model_dir, token_windows
 
     torch.manual_seed(args.seed)
     recipe = Recipe(method=args.method, bits=None if args.bits == "none" else int(args.bits),
@@ -84,7 +84,10 @@ def cmd_compress(args) -> int:
         return 0
     save_compressed(model, args.out, tok, extra={"recipe": report.recipe, "calibration_corpus": args.calib_corpus,
                                                  "calibration_windows": report.calibration_windows})
-    print(f"saved to {args.out}")
+    disk = (Path(args.out) / "model.safetensors").stat().st_size
+    dense_disk = sum(f.stat().st_size for f in Path(local_model_dir(args.model)).glob("*.safetensors"))
+    print(f"saved to {args.out}: {disk / 2**20:.1f} MiB on disk (dense fp32 checkpoint {dense_disk / 2**20:.1f} MiB); "
+          f"compressed linears {report.bytes_compressed / 2**20:.1f} MiB in memory vs {report.bytes_dense / 2**20:.1f} MiB")
     if args.export_compressed_tensors:
         from .export import export_compressed_tensors
 

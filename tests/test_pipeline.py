@@ -101,7 +101,30 @@ def test_prune_only_recipe_keeps_dense_linears_with_exact_sparsity():
     assert (lin.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
 
 
-@pytest.mark.parametrize("make", [tiny_gpt2, tiny_opt], ids=["gpt2", "opt"])
+def tiny_qwen2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+def tiny_mistral(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.MistralForCausalLM(cfg).eval()
+
+
+def tiny_gemma3(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=64, sliding_window=16)
+    return transformers.Gemma3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_opt, tiny_qwen2, tiny_mistral, tiny_gemma3],
+                         ids=["gpt2", "opt", "qwen2", "mistral", "gemma3"])
 def test_other_families(make):
     model = make()
     compress(model, Recipe(method="gptq", bits=4, group_size=32), CALIB, batch_size=4, progress=False)
