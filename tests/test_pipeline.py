@@ -265,3 +265,13 @@ def test_compressed_tensors_export_round_trips(tmp_path):
     compress(asym, Recipe(method="rtn", bits=4, group_size=32, symmetric=False), None, progress=False)
     with pytest.raises(ValueError, match="asymmetric"):
         export_compressed_tensors(asym, tmp_path / "x")
+
+
+def test_calibration_text_needs_and_uses_a_tokenizer():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="tokenizer"):
+        ctp_fast.compress_model(model, Recipe(method="gptq", group_size=32), ["some text"])
+    docs = ["".join(chr(97 + (i * 7 + j) % 26) for j in range(200)) for i in range(4)]
+    report = ctp_fast.compress_model(model, Recipe(method="gptq", group_size=32), docs, tokenizer=_Tok(), seqlen=16,
+                                     n_windows=8, progress=False)
+    assert report.calibration_windows == 8 and report.layers == 14

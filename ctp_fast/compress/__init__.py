@@ -7,8 +7,9 @@ so that `ctp_fast.compress.gptq` etc. stay the modules.
 """
 from .layer import HessianAccumulator, LayerResult
 from .magnitude import magnitude_mask, nm_mask, parse_sparsity, unstructured_mask
+from .pipeline import CompressionReport, Recipe, compress
 from .rtn import prune_then_rtn
 from .wanda import wanda_mask
 
-__all__ = ["HessianAccumulator", "LayerResult", "magnitude_mask", "nm_mask", "parse_sparsity", "prune_then_rtn",
+__all__ = ["CompressionReport", "HessianAccumulator", "LayerResult", "Recipe", "compress", "magnitude_mask", "nm_mask", "parse_sparsity", "prune_then_rtn",
            "unstructured_mask", "wanda_mask"]

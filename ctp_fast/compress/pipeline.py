@@ -226,11 +226,21 @@ class CompressionReport:
                 f"{self.bytes_compressed / 2**20:.1f} MiB in {self.seconds:.0f} s")
 
 
-def compress(model: nn.Module, recipe: Recipe, calibration: torch.Tensor | None = None, batch_size: int = 8,
-             resume_dir: str | Path | None = None, progress: bool = True) -> CompressionReport:
-    """Compresses `model` in place under `recipe`; calibration: token windows [n, seqlen] (needed by
-    every method except rtn and magnitude). Returns a report of sizes."""
+def compress(model: nn.Module, recipe: Recipe, calibration=None, batch_size: int = 8,
+             resume_dir: str | Path | None = None, progress: bool = True, tokenizer=None, seqlen: int = 512,
+             n_windows: int = 128) -> CompressionReport:
+    """Compresses `model` in place under `recipe`. calibration (needed by every method except rtn and
+    magnitude): token windows [n, seqlen], or text (a string or list of documents) that `tokenizer` cuts
+    into `n_windows` windows of `seqlen` tokens. Returns a report of sizes."""
     from .layer import HessianAccumulator
+
+    if isinstance(calibration, (str, list)):
+        from ..data.corpora import token_windows
+
+        if tokenizer is None:
+            raise ValueError("tokenizer: needed to cut calibration text into token windows")
+        docs = [calibration] if isinstance(calibration, str) else calibration
+        calibration = token_windows(tokenizer, docs, seqlen, n_windows)
 
     if recipe.needs_calibration and calibration is None:
         raise ValueError(f"calibration: method {recipe.method!r} needs calibration windows [n, seqlen]")

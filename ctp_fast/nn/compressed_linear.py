@@ -10,7 +10,6 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..compress.magnitude import magnitude_mask, parse_sparsity
 from ..formats import DenseWeight, PackedWeight, Sparse24Weight, UnstructuredWeight
 from ..ops import packed_linear
 
@@ -20,6 +19,8 @@ _WEIGHT_KEYS = ("qweight", "scales", "zeros", "perm", "masks", "offsets")
 
 def format_for(sparsity, mask: torch.Tensor | None) -> type[PackedWeight]:
     """The packed format that stores a given sparsity: dense, 2:4, or unstructured (also for 4:8)."""
+    from ..compress.magnitude import parse_sparsity  # lazy: ctp_fast.compress imports this module
+
     kind, arg = parse_sparsity(sparsity)
     if kind == "nm":
         return Sparse24Weight if arg == (2, 4) else UnstructuredWeight
@@ -71,6 +72,8 @@ class CompressedLinear(nn.Module):
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear: expected an nn.Linear, got {type(linear).__name__}")
+        from ..compress.magnitude import magnitude_mask  # lazy: ctp_fast.compress imports this module
+
         weight = linear.weight.detach()
         if mask is None:
             mask = magnitude_mask(weight, sparsity)
