@@ -29,31 +29,42 @@ def module_entry(mod: CompressedLinear) -> dict:
                                       for k, t in w.tensors().items()}}
 
 
-def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
-    """Writes model.safetensors + config.json (+ tokenizer) atomically into out_dir."""
-    out_dir = Path(out_dir)
-    modules = {name: module_entry(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
-    if not modules:
-        raise ValueError("model: holds no CompressedLinear module; compress it first (ctp_fast.compress)")
-    state, seen = {}, {}
+def unique_tensors(model: nn.Module, skip=()) -> dict[str, torch.Tensor]:
+    """The model's state-dict tensors (keys in `skip` left out), tied weights (e.g. lm_head =
+    embed_tokens) stored once, under their first name."""
+    state, seen = {}, set()
     for key, t in model.state_dict().items():
-        if not isinstance(t, torch.Tensor):
+        if key in skip or not isinstance(t, torch.Tensor):
             continue
         ptr = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if ptr in seen:  # tied weights (e.g. lm_head = embed_tokens): stored once
-            continue
-        seen[ptr] = key
-        state[key] = t.detach().contiguous()
-    qcfg = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": modules, **(extra or {})}
-    with atomic_path(out_dir, is_dir=True) as tmp:
+        if ptr not in seen:
+            seen.add(ptr)
+            state[key] = t.detach().contiguous()
+    return state
+
+
+def write_model_dir(out_dir: str | Path, state: dict, model: nn.Module, qcfg: dict, tokenizer=None) -> Path:
+    """model.safetensors + config.json (the model's config with `quantization_config`) (+ tokenizer),
+    written atomically as one folder."""
+    with atomic_path(Path(out_dir), is_dir=True) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = model.config.to_dict()
         config["quantization_config"] = qcfg
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+    return Path(out_dir)
+
+
+def save_compressed(model: nn.Module, out_dir: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+    """Writes model.safetensors + config.json (+ tokenizer) atomically into out_dir."""
+    modules = {name: module_entry(m) for name, m in model.named_modules() if isinstance(m, CompressedLinear)}
+    if not modules:
+        raise ValueError("model: holds no CompressedLinear module; compress it first (ctp_fast.compress)")
+    qcfg = {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "modules": modules, **(extra or {})}
+    write_model_dir(out_dir, unique_tensors(model), model, qcfg, tokenizer)
     log.info("saved compressed model to %s", out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
 def shell_from_entry(entry: dict, bias: bool) -> CompressedLinear:

@@ -9,14 +9,12 @@ zero points use a different layout, so asymmetric weights are refused rather tha
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from .fileio import atomic_path
+from .checkpoint import unique_tensors, write_model_dir
 from .formats import DenseWeight
 from .nn.compressed_linear import CompressedLinear
 
@@ -73,15 +71,7 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
             state[f"{name}.bias"] = mod.bias.detach()
         skip.update(f"{name}.{k}" for k, _ in mod.named_buffers())
         skip.add(f"{name}.bias")
-    seen = set()
-    for key, t in model.state_dict().items():
-        if key in skip or key in state or not isinstance(t, torch.Tensor):
-            continue
-        ptr = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if ptr in seen:  # tied weights stored once
-            continue
-        seen.add(ptr)
-        state[key] = t.detach().contiguous()
+    state.update(unique_tensors(model, skip))
     weights = {"num_bits": 4, "type": "int", "symmetric": True, "dynamic": False,
                "strategy": "channel" if group == -1 else "group", "group_size": None if group == -1 else group,
                "actorder": "group" if act_order else None}
@@ -90,11 +80,4 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
                                           "weights": weights, "input_activations": None, "output_activations": None}},
             "ignore": sorted(n for n, m in model.named_modules()
                              if isinstance(m, nn.Linear) and n not in mods)}
-    with atomic_path(Path(out_dir), is_dir=True) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        config = model.config.to_dict()
-        config["quantization_config"] = qcfg
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-    return Path(out_dir)
+    return write_model_dir(out_dir, state, model, qcfg, tokenizer)
