@@ -108,6 +108,14 @@ def tiny_qwen2(seed=0):
     return transformers.Qwen2ForCausalLM(cfg).eval()
 
 
+def tiny_qwen3(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64)
+    return transformers.Qwen3ForCausalLM(cfg).eval()
+
+
 def tiny_mistral(seed=0):
     torch.manual_seed(seed)
     cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -123,8 +131,8 @@ def tiny_gemma3(seed=0):
     return transformers.Gemma3ForCausalLM(cfg).eval()
 
 
-@pytest.mark.parametrize("make", [tiny_gpt2, tiny_opt, tiny_qwen2, tiny_mistral, tiny_gemma3],
-                         ids=["gpt2", "opt", "qwen2", "mistral", "gemma3"])
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_opt, tiny_qwen2, tiny_qwen3, tiny_mistral, tiny_gemma3],
+                         ids=["gpt2", "opt", "qwen2", "qwen3", "mistral", "gemma3"])
 def test_other_families(make):
     model = make()
     compress(model, Recipe(method="gptq", bits=4, group_size=32), CALIB, batch_size=4, progress=False)
