@@ -96,7 +96,8 @@ def render(results: dict, args) -> str:
              f"{args.calib_windows} windows x {args.calib_seqlen} tokens (wiki train); group size {args.group_size}",
              "", "| recipe | test ppl | loss | linears stored (MiB) | vs fp32 | kernel ppl vs dequantized-dense ppl |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
-    for name, r in results.items():
+    for name in sorted(results, key=lambda n: list(RECIPES).index(n) if n in RECIPES else len(RECIPES)):
+        r = results[name]
         match = (f"{r['ppl']:.3f} vs {r['ppl_dequantized_dense']:.3f} (|d loss| {r['loss_abs_diff_vs_dequantized']:.1e})"
                  if "ppl_dequantized_dense" in r else "dense floats (no packed kernel)")
         lines.append(f"| {name} | {r['ppl']:.2f} | {r['loss']:.3f} | {r['bytes_stored'] / 2**20:.1f} | "
