@@ -139,8 +139,8 @@ def _register_transformers_quantizer() -> None:
     """Teach transformers the `ctp_fast` quant_method (idempotent; skipped without transformers)."""
     try:
         from transformers.quantizers import HfQuantizer
-        from transformers.quantizers.auto import (AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING,
-                                                  register_quantization_config, register_quantizer)
+        from transformers.quantizers.auto import (AUTO_QUANTIZER_MAPPING, register_quantization_config,
+                                                  register_quantizer)
         from transformers.utils.quantization_config import QuantizationConfigMixin
     except Exception:  # transformers absent or too old: checkpoints still load with load_compressed
         return
@@ -187,8 +187,6 @@ def _register_transformers_quantizer() -> None:
         @property
         def is_trainable(self):
             return False
-
-    del AUTO_QUANTIZATION_CONFIG_MAPPING  # only the decorators' side effects are wanted
 
 
 _register_transformers_quantizer()

@@ -521,9 +521,10 @@ static TaskFn pick_gemv_fast(const QView& w) {
   return w.layout == Layout::sparse24 ? gemv24_task<ST, A> : gemv4_task<ST, A>;
 }
 
+static bool is_dense4(const QView& w) { return w.layout == Layout::dense && w.bits == 4; }
+
 static TaskFn pick_gemv(const QView& w) {
-  const bool fast = (w.layout == Layout::dense && w.bits == 4) || w.layout == Layout::sparse24;
-  if (!fast) return pick<GemvDecTask>(w);
+  if (!is_dense4(w) && w.layout != Layout::sparse24) return pick<GemvDecTask>(w);
   const bool a = w.zeros != nullptr;
   switch (w.scale_type) {
     case ScaleType::f32: return a ? pick_gemv_fast<ScaleType::f32, true>(w) : pick_gemv_fast<ScaleType::f32, false>(w);
@@ -550,9 +551,12 @@ void linear(const QView& w, const float* x, int64_t M, const float* bias, float*
     x = xp;
   }
   if (M <= GEMV_MAX_M) {
-    float* xsum = alloc_floats(M * G);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) xsum[m * G + k / w.group_size] += x[m * K + k];
+    float* xsum = nullptr;  // per-group sums of x: only the dense 4-bit kernel applies zero points this way
+    if (is_dense4(w)) {
+      xsum = alloc_floats(M * G);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t k = 0; k < K; ++k) xsum[m * G + k / w.group_size] += x[m * K + k];
+    }
     GemvCtx c{&w, x, xsum, bias, y, M};
     par(w.nblocks(), &c, pick_gemv(w));
     std::free(xsum);
