@@ -5,9 +5,11 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstdlib>
 #include <string>
 
+#include "cpu/attention.h"
 #include "cpu/qlinear.h"
 
 namespace {
@@ -200,6 +202,112 @@ at::Tensor packed_linear_grad_input(const at::Tensor& grad_y, const at::Tensor& 
   return gx.to(grad_y.scalar_type()).view(with_last(grad_y, w.K));
 }
 
+// ------------------------------------------------------------------ prompt-prefixed attention
+// Arguments as in csrc/cpu/attention.h. Works in fp32 (bf16 inputs are converted); views keep their strides.
+struct AttnInputs {
+  at::Tensor q, k, v, kp, vp, start;
+  ctp::AttnArgs args;
+};
+
+at::Tensor attn_float(const at::Tensor& t) {
+  at::Tensor f = t.to(at::kFloat);
+  return f.stride(-1) == 1 ? f : f.contiguous();
+}
+
+AttnInputs attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& kp,
+                            const at::Tensor& vp, const c10::optional<at::Tensor>& kv_start, bool causal,
+                            double scale) {
+  const std::pair<const at::Tensor*, const char*> all[] = {{&q, "q"}, {&k, "k"}, {&v, "v"}, {&kp, "k_prefix"},
+                                                           {&vp, "v_prefix"}};
+  for (const auto& [t, name] : all) {
+    TORCH_CHECK(t->device().is_cpu(), name, ": expected a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16, name,
+                ": expected float32 or bfloat16, got ", t->scalar_type());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), name, ": expected the dtype of q (", q.scalar_type(),
+                "), got ", t->scalar_type());
+  }
+  TORCH_CHECK(q.dim() == 4, "q: expected [batch, heads, L, head_dim], got shape ", q.sizes());
+  const int64_t B = q.size(0), H = q.size(1), L = q.size(2), D = q.size(3);
+  TORCH_CHECK(D >= 1 && D <= 256, "q: head_dim must be in 1..256, got ", D);
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == B && k.size(3) == D && k.size(2) >= L,
+              "k: expected [", B, ", kv_heads, S >= ", L, ", ", D, "], got shape ", k.sizes());
+  TORCH_CHECK(v.sizes() == k.sizes(), "v: expected the shape of k ", k.sizes(), ", got ", v.sizes());
+  const int64_t Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(Hkv >= 1 && H % Hkv == 0, "k: kv_heads (", Hkv, ") must divide the query heads (", H, ")");
+  TORCH_CHECK(kp.dim() == 3 && kp.size(0) == Hkv && kp.size(2) == D, "k_prefix: expected [", Hkv,
+              ", prompt_len, ", D, "], got shape ", kp.sizes());
+  TORCH_CHECK(vp.sizes() == kp.sizes(), "v_prefix: expected the shape of k_prefix ", kp.sizes(), ", got ",
+              vp.sizes());
+  TORCH_CHECK(std::isfinite(scale), "scale: expected a finite number, got ", scale);
+  AttnInputs in;
+  in.q = attn_float(q);
+  in.k = attn_float(k);
+  in.v = attn_float(v);
+  in.kp = kp.to(at::kFloat).contiguous();
+  in.vp = vp.to(at::kFloat).contiguous();
+  if (kv_start.has_value()) {
+    const at::Tensor& st = *kv_start;
+    TORCH_CHECK(st.device().is_cpu(), "kv_start: expected a CPU tensor, got ", st.device());
+    TORCH_CHECK(st.scalar_type() == at::kLong || st.scalar_type() == at::kInt, "kv_start: expected int32 or int64, got ",
+                st.scalar_type());
+    TORCH_CHECK(st.dim() == 1 && st.size(0) == B, "kv_start: expected shape [", B, "], got ", st.sizes());
+    in.start = st.to(at::kLong).contiguous();
+  }
+  ctp::AttnArgs& a = in.args;
+  a = ctp::AttnArgs{B, H, Hkv, L, S, kp.size(1), D, in.q.data_ptr<float>(), in.k.data_ptr<float>(),
+                    in.v.data_ptr<float>(), {}, {}, {}, in.kp.data_ptr<float>(), in.vp.data_ptr<float>(),
+                    in.start.defined() ? in.start.data_ptr<int64_t>() : nullptr, causal, float(scale)};
+  for (int d = 0; d < 3; ++d) {
+    a.qs[d] = in.q.stride(d);
+    a.ks[d] = in.k.stride(d);
+    a.vs[d] = in.v.stride(d);
+  }
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor> prefix_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const at::Tensor& k_prefix, const at::Tensor& v_prefix,
+                                                    const c10::optional<at::Tensor>& kv_start, bool causal,
+                                                    double scale) {
+  AttnInputs in = attention_inputs(q, k, v, k_prefix, v_prefix, kv_start, causal, scale);
+  const auto& a = in.args;
+  at::Tensor out = at::empty({a.B, a.H, a.L, a.D}, in.q.options());
+  at::Tensor lse = at::empty({a.B, a.H, a.L}, in.q.options());
+  if (out.numel() > 0)
+    ctp::prefix_attention_fwd(current_isa(), a, out.data_ptr<float>(), lse.data_ptr<float>(), parallel_torch);
+  return {out.to(q.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& k_prefix, const at::Tensor& v_prefix, const at::Tensor& out, const at::Tensor& lse,
+    const c10::optional<at::Tensor>& kv_start, bool causal, double scale) {
+  AttnInputs in = attention_inputs(q, k, v, k_prefix, v_prefix, kv_start, causal, scale);
+  const auto& a = in.args;
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&grad_out, "grad_out"}, {&out, "out"}}) {
+    TORCH_CHECK(t->device().is_cpu(), name, ": expected a CPU tensor, got ", t->device());
+    TORCH_CHECK(t->sizes() == q.sizes(), name, ": expected the shape of q ", q.sizes(), ", got ", t->sizes());
+  }
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat &&
+                  lse.sizes() == at::IntArrayRef({a.B, a.H, a.L}),
+              "lse: expected a float32 CPU tensor of shape [", a.B, ", ", a.H, ", ", a.L, "], got ", lse.scalar_type(),
+              " ", lse.sizes());
+  at::Tensor go = grad_out.to(at::kFloat).contiguous(), o = out.to(at::kFloat).contiguous(), l = lse.contiguous();
+  auto opts = in.q.options();
+  at::Tensor dq = at::empty({a.B, a.H, a.L, a.D}, opts), dk = at::empty({a.B, a.Hkv, a.S, a.D}, opts),
+             dv = at::empty({a.B, a.Hkv, a.S, a.D}, opts), dkp = at::empty({a.B, a.Hkv, a.P, a.D}, opts),
+             dvp = at::empty({a.B, a.Hkv, a.P, a.D}, opts);
+  if (a.B > 0 && a.L > 0) {
+    ctp::prefix_attention_bwd(current_isa(), a, o.data_ptr<float>(), l.data_ptr<float>(), go.data_ptr<float>(),
+                              dq.data_ptr<float>(), dk.data_ptr<float>(), dv.data_ptr<float>(), dkp.data_ptr<float>(),
+                              dvp.data_ptr<float>(), parallel_torch);
+  } else {
+    dq.zero_(), dk.zero_(), dv.zero_(), dkp.zero_(), dvp.zero_();
+  }
+  const auto dt = q.scalar_type();
+  return {dq.to(dt), dk.to(dt), dv.to(dt), dkp.sum(0).to(dt), dvp.sum(0).to(dt)};
+}
+
 }  // namespace
 
 // Weight arguments, in order: codes, scales, zeros, perm, masks, offsets, then layout (0 dense, 1 2:4,
@@ -211,11 +319,20 @@ TORCH_LIBRARY(ctp_fast, m) {
   m.def(
       "packed_linear_grad_input(Tensor grad_y, Tensor codes, Tensor scales, Tensor? zeros, Tensor? perm, "
       "Tensor? masks, Tensor? offsets, int layout, int bits, int out_features, int in_features, int group_size) -> Tensor");
+  // Prompt-prefixed attention (csrc/cpu/attention.h): returns (out, lse).
+  m.def(
+      "prefix_attention(Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, Tensor? kv_start, "
+      "bool causal, float scale) -> (Tensor, Tensor)");
+  m.def(
+      "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, "
+      "Tensor out, Tensor lse, Tensor? kv_start, bool causal, float scale) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ctp_fast, CPU, m) {
   m.impl("packed_linear", &packed_linear);
   m.impl("packed_linear_grad_input", &packed_linear_grad_input);
+  m.impl("prefix_attention", &prefix_attention);
+  m.impl("prefix_attention_backward", &prefix_attention_backward);
 }
 
 PYBIND11_MODULE(_C, m) {

@@ -69,6 +69,51 @@ def packed_linear_grad_input(grad_y: torch.Tensor, w: PackedWeight) -> torch.Ten
     return _ops.packed_linear_grad_input(grad_y, *w.kernel_args(), *w.kernel_ints())
 
 
+# ---------------------------------------------------------------------- prompt-prefixed attention
+@torch.library.register_fake("ctp_fast::prefix_attention")
+def _prefix_attention_fake(q, k, v, k_prefix, v_prefix, kv_start, causal, scale):
+    _check_devices("q", q, k=k, v=v, k_prefix=k_prefix, v_prefix=v_prefix, kv_start=kv_start)
+    torch._check(q.dim() == 4 and k.dim() == 4 and k_prefix.dim() == 3, lambda: "q, k: expected 4-D, k_prefix 3-D")
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("ctp_fast::prefix_attention_backward")
+def _prefix_attention_backward_fake(grad_out, q, k, v, k_prefix, v_prefix, out, lse, kv_start, causal, scale):
+    _check_devices("q", q, grad_out=grad_out, k=k, v=v, k_prefix=k_prefix, v_prefix=v_prefix, out=out, lse=lse,
+                   kv_start=kv_start)
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), k_prefix.new_empty(k_prefix.shape),
+            v_prefix.new_empty(v_prefix.shape))
+
+
+def _attn_setup(ctx, inputs, output):
+    q, k, v, kp, vp, start, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, kp, vp, start, *output)
+    ctx.causal, ctx.scale = causal, scale
+
+
+def _attn_backward(ctx, grad_out, grad_lse):
+    # lse is an auxiliary output (saved for this backward); gradients through it are not supported.
+    q, k, v, kp, vp, start, out, lse = ctx.saved_tensors
+    grads = _ops.prefix_attention_backward(grad_out.contiguous(), q, k, v, kp, vp, out, lse, start, ctx.causal,
+                                           ctx.scale)
+    return (*grads, None, None, None)
+
+
+torch.library.register_autograd("ctp_fast::prefix_attention", _attn_backward, setup_context=_attn_setup)
+
+
+def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_prefix: torch.Tensor,
+                     v_prefix: torch.Tensor, causal: bool = True, scale: float | None = None,
+                     kv_start: torch.Tensor | None = None, return_lse: bool = False):
+    """Attention of q [B, H, L, D] over a shared prompt's keys/values [Hkv, P, D] followed by each sequence's
+    own k, v [B, Hkv, S, D] (S >= L; query i at own position S - L + i; causal on the own part; own keys
+    before kv_start[b] masked: left padding). Grouped-query heads: H a multiple of Hkv. Differentiable in
+    q, k, v and the prompt's k/v (their gradients are summed over the batch). See csrc/cpu/attention.h."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    out, lse = _ops.prefix_attention(q, k, v, k_prefix, v_prefix, kv_start, bool(causal), scale)
+    return (out, lse) if return_lse else out
+
+
 # The dense int4 entry points under their own names (they accept any packed format).
 int4_linear = packed_linear
 int4_linear_grad_input = packed_linear_grad_input

@@ -102,8 +102,12 @@ def test_constructors_and_fp32(tiny):
 def test_prompt_labels_and_layout(tiny):
     ids = windows(2, 6)
     p = SoftPrompt.random(3, 64, std=0.1)
-    out = prompted_forward(tiny, p, ids)
-    assert out.logits.shape == (2, 3 + 6, 128)
+    shared = prompted_forward(tiny, p, ids)  # shared-prefix path (llama): logits over the text only
+    assert shared["n_prefix"] == 0 and shared.logits.shape == (2, 6, 128)
+    assert torch.equal(shared["labels"], ids) and torch.equal(shared["targets"], ids[:, 1:])
+    out = prompted_forward(tiny, p, ids, shared_prefix=False)
+    assert out["n_prefix"] == 3 and out.logits.shape == (2, 3 + 6, 128)
+    torch.testing.assert_close(shared.logits, out.logits[:, 3:], atol=2e-5, rtol=1e-5)
     assert (out["labels"][:, :3] == -100).all() and torch.equal(out["labels"][:, 3:], ids)
     t = out["targets"]  # target of each logit position: none for prompt positions (incl. the last one)
     assert t.shape == (2, 3 + 6 - 1)
@@ -119,7 +123,7 @@ def test_perplexity_never_counts_prompt_positions(tiny):
     ids = windows(3, 9, high=128, seed=1)
     p = SoftPrompt.random(4, 64, std=0.3, seed=1)
     with torch.no_grad():
-        logits = prompted_forward(tiny, p, ids).logits.double()
+        logits = prompted_forward(tiny, p, ids, shared_prefix=False).logits.double()
     logp = torch.log_softmax(logits, -1)
     n, length = 4, ids.shape[1]
     # by hand: position n + t predicts ids[:, t + 1], t = 0 .. L-2
@@ -156,9 +160,10 @@ def test_left_and_right_padding_match_unpadded(family):
             ids[i, sl], mask[i, sl] = s, 1
         out = prompted_forward(tiny, p, ids, attention_mask=mask)
         assert torch.isfinite(out.logits).all()
+        n = out["n_prefix"]  # 0 on the shared-prefix path (llama), 5 when the prompt is concatenated
         for i, s in enumerate(seqs):
-            sl = slice(5 + length - len(s), 5 + length) if side == "left" else slice(5, 5 + len(s))
-            torch.testing.assert_close(out.logits[i, sl], single[i].logits[0, 5:], atol=2e-5, rtol=1e-5)
+            sl = slice(n + length - len(s), n + length) if side == "left" else slice(n, n + len(s))
+            torch.testing.assert_close(out.logits[i, sl], single[i].logits[0, n:], atol=2e-5, rtol=1e-5)
         # batch loss = token-weighted mean of the rows' losses
         want = (float(single[0].loss.detach()) * 8 + float(single[1].loss.detach()) * 3) / 11
         assert float(out.loss.detach()) == pytest.approx(want, rel=1e-5)
@@ -353,9 +358,12 @@ def test_smollm2_peft_interop(tmp_path):
     assert torch.equal(pm.get_prompt_embedding_to_save("default").float(), ours.embeddings)
     with torch.no_grad():
         peft_logits = pm(input_ids=ids).logits
-        our_logits, n = ours.logits(model, ids)
+        our_logits, n = ours.logits(model, ids, shared_prefix=False)
+        shared_logits, n_shared = ours.logits(model, ids)
     assert n == 6 and peft_logits.shape == our_logits.shape
     torch.testing.assert_close(our_logits[:, n:], peft_logits[:, n:], atol=1e-4, rtol=1e-4)
+    assert n_shared == 0  # the shared-prefix path gives PEFT's logits for the text too
+    torch.testing.assert_close(shared_logits, peft_logits[:, n:], atol=1e-4, rtol=1e-4)
     assert perplexity(model, ids, prompt=ours).loss == pytest.approx(
         float(F.cross_entropy(peft_logits[0, n:-1], ids[0, 1:])), rel=1e-4)
 

@@ -131,10 +131,12 @@ class SoftPrompt(nn.Module):
                 labels: torch.Tensor | None = None, **kwargs):
         return prompted_forward(model, self, input_ids, attention_mask, labels, **kwargs)
 
-    def logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """(logits [B, n_tokens + L, vocab], n_tokens): logits[:, n_tokens + j] predicts input_ids[:, j + 1]."""
-        out = prompted_forward(model, self, input_ids, attention_mask)
-        return out.logits, self.n_tokens
+    def logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               shared_prefix: bool | None = None):
+        """(logits [B, n + L, vocab], n): logits[:, n + j] predicts input_ids[:, j + 1]; n is n_tokens on the
+        concatenated path and 0 on the shared-prefix path (whose logits cover the text only)."""
+        out = prompted_forward(model, self, input_ids, attention_mask, shared_prefix=shared_prefix)
+        return out.logits, out["n_prefix"]
 
 
 def _accepts(model, name: str) -> bool:
@@ -145,16 +147,20 @@ def _accepts(model, name: str) -> bool:
     return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
+def _check_hidden(model, prompt: SoftPrompt) -> None:
+    hidden = embedding_dim(model)
+    if prompt.hidden != hidden:
+        raise ValueError(f"prompt: hidden size {prompt.hidden} does not match the model's embedding size {hidden} "
+                         f"(a prompt learned on another model needs a bridge)")
+
+
 def prompted_inputs(model, prompt: SoftPrompt, input_ids: torch.Tensor,
                     attention_mask: torch.Tensor | None = None) -> dict:
     """The keyword arguments of a prompted forward: inputs_embeds [B, n+L, H] (prompt cast to the
     embedding dtype), attention_mask [B, n+L] and position_ids [B, n+L] (see the module docstring)."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected [batch, seqlen], got shape {tuple(input_ids.shape)}")
-    hidden = embedding_dim(model)
-    if prompt.hidden != hidden:
-        raise ValueError(f"prompt: hidden size {prompt.hidden} does not match the model's embedding size {hidden} "
-                         f"(a prompt learned on another model needs a bridge)")
+    _check_hidden(model, prompt)
     b, length = input_ids.shape
     tok = model.get_input_embeddings()(input_ids)
     n = prompt.n_tokens
@@ -202,16 +208,30 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str =
 
 
 def prompted_forward(model, prompt: SoftPrompt | None, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
+                     attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                     shared_prefix: bool | None = None, **kwargs):
     """Run an HF causal LM (anything taking inputs_embeds) with `prompt` before every row.
 
-    Returns the model's output; its logits cover [prompt][sequence] (first n_tokens positions are the
-    prompt's). The loss is always computed (labels default to input_ids; -100 in labels leaves a token
-    out): `out.loss` is the mean next-token cross entropy over real predicted tokens, and
-    `out["targets"]` [B, n+L-1] the target of each logit position (-100 on prompt and pad positions, see
-    `scored_targets`), `out["labels"]` [B, n+L] the HF-style extended labels (`extended_labels`).
-    prompt=None runs the plain model with the same scoring.
+    Two paths, same loss and gradients (up to float rounding):
+    - shared prefix (`ctp_fast.nn.prefix_attention`): the prompt runs once, alone, and every row attends
+      to its keys/values; the logits cover the text only (`out["n_prefix"]` = 0).
+    - concatenated: [prompt][sequence] per row; the logits cover both (`out["n_prefix"]` = n_tokens).
+    shared_prefix=None takes the shared prefix when the model supports it, True insists on it, False
+    concatenates.
+
+    The loss is always computed (labels default to input_ids; -100 in labels leaves a token out):
+    `out.loss` is the mean next-token cross entropy over real predicted tokens, `out["targets"]` the
+    target of each logit position but the last (-100 on prompt and pad positions, see `scored_targets`),
+    `out["labels"]` the HF-style labels aligned with the logits (`extended_labels`). prompt=None runs the
+    plain model with the same scoring.
     """
+    from ..nn.prefix_attention import prefix_forward, supports_prefix
+    if prompt is not None and (shared_prefix or (shared_prefix is None and supports_prefix(model))):
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, seqlen], got shape {tuple(input_ids.shape)}")
+        _check_hidden(model, prompt)
+        out = prefix_forward(model, prompt, input_ids, attention_mask, **kwargs)
+        return _scored(out, 0, input_ids, attention_mask, labels)
     if prompt is None:
         prompt = _EmptyPrompt()
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -222,10 +242,16 @@ def prompted_forward(model, prompt: SoftPrompt | None, input_ids: torch.Tensor,
     if not _accepts(model, "position_ids"):
         inputs.pop("position_ids", None)  # e.g. BLOOM (ALiBi); OPT derives positions from the mask
     out = model(**inputs, use_cache=False, **kwargs)
-    targets = scored_targets(prompt.n_tokens, input_ids, attention_mask, labels).to(out.logits.device)
+    return _scored(out, prompt.n_tokens, input_ids, attention_mask, labels)
+
+
+def _scored(out, n_prefix: int, input_ids, attention_mask, labels):
+    """Adds loss, targets, labels and n_prefix (logit positions before the text) to a model output."""
+    targets = scored_targets(n_prefix, input_ids, attention_mask, labels).to(out.logits.device)
     out["loss"] = causal_lm_loss(out.logits, targets)
     out["targets"] = targets
-    out["labels"] = extended_labels(prompt.n_tokens, input_ids, attention_mask, labels).to(out.logits.device)
+    out["labels"] = extended_labels(n_prefix, input_ids, attention_mask, labels).to(out.logits.device)
+    out["n_prefix"] = n_prefix
     return out
 
 
