@@ -4,7 +4,7 @@
   ctp eval --model runs/gptq4 --corpora wiki,wikixml,news
   ctp tune --model runs/gptq4 --corpus wiki --out runs/prompt
   ctp demo [--quick]
-  ctp bench kernels [--quick]
+  ctp bench kernels|formats|prefix|e2e [--quick]
 """
 from __future__ import annotations
 
@@ -171,8 +171,12 @@ def cmd_demo(args) -> int:
     return 0
 
 
+BENCH_SCRIPTS = {"kernels": "bench_int4.py", "formats": "bench_formats.py", "prefix": "bench_prefix.py",
+                 "e2e": "bench_e2e.py"}
+
+
 def cmd_bench(args) -> int:
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_int4.py"
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / BENCH_SCRIPTS[args.what]
     if not script.exists():
         print(f"benchmark script not found at {script} (run from a source checkout)", file=sys.stderr)
         return 2
@@ -240,7 +244,7 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks")
-    p.add_argument("what", choices=("kernels",))
+    p.add_argument("what", choices=tuple(BENCH_SCRIPTS))
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
     p.set_defaults(fn=cmd_bench)
 

@@ -225,3 +225,14 @@ def test_unsupported_models_and_masks_are_refused():
     with pytest.raises(ValueError, match="cache: expected a PromptCache"):
         with attend(model, "not a cache"):
             pass
+
+
+def test_tune_same_prompt_on_both_paths():
+    from ctp_fast.prompt import TuneConfig, tune
+    model = tiny_llama(seed=6)
+    train, val = windows(8, 10, seed=1), windows(2, 10, seed=2)
+    prompts = []
+    for shared in (True, False):
+        cfg = TuneConfig(n_tokens=4, steps=4, batch_size=4, eval_every=4, lr=1e-2, shared_prefix=shared)
+        prompts.append(tune(model, train, val, cfg, progress=False).prompt.embeddings)
+    torch.testing.assert_close(prompts[0], prompts[1], atol=1e-5, rtol=1e-4)

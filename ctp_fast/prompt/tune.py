@@ -47,7 +47,7 @@ DEFAULT_LR = {"adamw": 3e-2, "adafactor": 0.3}
 STATE_NAME = "state.pt"
 STATE_VERSION = 1
 # fields that may differ between a run and its resumption (they do not change the trajectory)
-_RESUME_FREE = ("save_every", "eval_batch_size", "steps", "eval_every")
+_RESUME_FREE = ("save_every", "eval_batch_size", "steps", "eval_every", "shared_prefix")
 
 
 @dataclass
@@ -71,6 +71,7 @@ class TuneConfig:
     save_every: int | None = None      # checkpoint every N steps; None: eval_every
     dtype: str = "fp32"                # fp32 | bf16 (autocast of the model compute; the prompt stays fp32)
     seed: int = 0
+    shared_prefix: bool | None = None  # prompt K/V computed once per step (None: when the model supports it)
 
     def __post_init__(self):
         _check_n_tokens(self.n_tokens, MAX_TOKENS)
@@ -380,7 +381,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
                 ids = train_windows[order.take(pos, config.batch_size)].to(device)
                 pos += config.batch_size
                 with _autocast(model, config.dtype):
-                    loss = prompted_forward(model, prompt, ids).loss
+                    loss = prompted_forward(model, prompt, ids, shared_prefix=config.shared_prefix).loss
                 if not torch.isfinite(loss.detach()):
                     raise FloatingPointError(f"step {step + 1}: training loss is {float(loss)} "
                                              f"(lr {config.resolved_lr} too high?)")
