@@ -20,7 +20,7 @@ if with_cuda:
     print(f"ctp_fast: building CPU and CUDA kernels ({len(cuda_sources)} .cu files, sm_80 and sm_90a)")
     ext = cpp_extension.CUDAExtension(
         "ctp_fast._C",
-        cpu_sources + cuda_sources,
+        cpu_sources + ["csrc/bindings_cuda.cpp"] + cuda_sources,
         define_macros=[("CTP_WITH_CUDA", None)],
         extra_compile_args={
             "cxx": cxx_flags,
