@@ -139,7 +139,7 @@ __device__ __forceinline__ uint32_t zero_word(const QWeight& w, int g, int r0) {
 __device__ __forceinline__ int group_of(const QWeight& w, int k0) { return min(k0 / w.group_size, w.G - 1); }
 
 // Unstructured: expand lane's 4 fragment words of tile (nt, c) from the code stream. `stage` is this
-// warp's scratch of 64 words in shared memory.
+// warp's scratch of 128 words in shared memory (a 16x64 tile keeps at most 1024 codes).
 __device__ __forceinline__ void expand_unstructured(const QWeight& w, int nt, int c, int nchunks, int lane, int r0,
                                                     uint32_t* stage, uint32_t (&words)[4]) {
   const int64_t tile = int64_t(nt) * nchunks + c;

@@ -227,11 +227,14 @@ template <typename T, int E>
 cudaError_t backward(const AttnArgs& a, const T* go, const T* q, const T* k, const T* v, const T* kp, const T* vp,
                      const T* out, const float* lse, T* dq, T* dk, T* dv, float* dkp, float* dvp, float* delta,
                      cudaStream_t stream) {
-  attn_delta_kernel<T, E><<<row_blocks(a), kWarps * 32, 0, stream>>>(a, go, out, delta);
-  CTP_CUDA_RETURN_IF_ERROR();
-  attn_dq_kernel<T, E><<<row_blocks(a), kWarps * 32, 0, stream>>>(a, go, q, k, v, kp, vp, lse, delta, dq);
-  CTP_CUDA_RETURN_IF_ERROR();
+  if (row_blocks(a) > 0) {
+    attn_delta_kernel<T, E><<<row_blocks(a), kWarps * 32, 0, stream>>>(a, go, out, delta);
+    CTP_CUDA_RETURN_IF_ERROR();
+    attn_dq_kernel<T, E><<<row_blocks(a), kWarps * 32, 0, stream>>>(a, go, q, k, v, kp, vp, lse, delta, dq);
+    CTP_CUDA_RETURN_IF_ERROR();
+  }
   const dim3 grid((a.P + a.S + kWarps - 1) / kWarps, a.Hkv, a.B);
+  if (grid.x == 0 || a.B == 0) return cudaSuccess;
   attn_dkdv_kernel<T, E><<<grid, kWarps * 32, 0, stream>>>(a, go, q, k, v, kp, vp, lse, delta, dk, dv, dkp, dvp);
   CTP_CUDA_RETURN_IF_ERROR();
   return cudaSuccess;
@@ -282,7 +285,6 @@ cudaError_t prefix_attention_backward(DType t, const AttnArgs& a, const void* gr
                                       const void* v, const void* kp, const void* vp, const void* out, const float* lse,
                                       void* dq, void* dk, void* dv, float* dkp, float* dvp, float* delta,
                                       cudaStream_t stream) {
-  if (int64_t(a.B) * a.H * a.L == 0 && a.S == 0) return cudaSuccess;
   return t == DType::f16
              ? backward_t<__half>(a, grad_out, q, k, v, kp, vp, out, lse, dq, dk, dv, dkp, dvp, delta, stream)
              : backward_t<__nv_bfloat16>(a, grad_out, q, k, v, kp, vp, out, lse, dq, dk, dv, dkp, dvp, delta, stream);

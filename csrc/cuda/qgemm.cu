@@ -26,14 +26,27 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm_fwd_kernel(QWeight w, const
   constexpr int MR = MT * 8;                           // rows of x per block
   constexpr int LD = CK + 8;                           // padded row: conflict-free B-fragment loads
   __shared__ __align__(16) T xs[MR * LD];
-  __shared__ uint32_t stage[kWarps][64];               // unstructured: one tile's code stream per warp
+  __shared__ uint32_t stage[kWarps][128];              // unstructured: one tile's code stream per warp (<= 1024 nibbles)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int nt = blockIdx.x * kWarps + warp, ntiles = w.Np() / 16, r0 = nt * 16 + g;
   const int m0 = blockIdx.z * MR, nsteps = w.Kp() / CK;
   const int c0 = blockIdx.y * steps_per_split, c1 = min(nsteps, c0 + steps_per_split);
   float acc[MT][4] = {};
+  // dense / 2:4: the next step's words (and metadata) are loaded while this step computes
+  const uint4* qw = reinterpret_cast<const uint4*>(w.qweight) + int64_t(nt) * nsteps * 32 + lane;
+  const uint4* qm = reinterpret_cast<const uint4*>(w.masks) + int64_t(nt) * nsteps * 16 + g * 2 + (lane & 1);
+  uint4 q_next{}, e_next{};
+  if (L != Layout::unstructured && nt < ntiles && c0 < c1) {
+    q_next = qw[int64_t(c0) * 32];
+    if (L == Layout::sparse24) e_next = qm[int64_t(c0) * 16];
+  }
 
   for (int c = c0; c < c1; ++c) {
+    const uint4 q = q_next, e = e_next;
+    if (L != Layout::unstructured && nt < ntiles && c + 1 < c1) {
+      q_next = qw[int64_t(c + 1) * 32];
+      if (L == Layout::sparse24) e_next = qm[int64_t(c + 1) * 16];
+    }
     __syncthreads();
     for (int i = threadIdx.x; i < MR * CK; i += kWarps * 32) {  // x[m0.., c*CK..] gathered through perm
       const int r = i / CK, kk = i % CK, k = c * CK + kk, m = m0 + r;
@@ -41,10 +54,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm_fwd_kernel(QWeight w, const
     }
     __syncthreads();
     if (nt >= ntiles) continue;
-    const int64_t tile = int64_t(nt) * nsteps + c;
     if constexpr (L == Layout::sparse24) {
-      const uint4 q = reinterpret_cast<const uint4*>(w.qweight)[tile * 32 + lane];
-      const uint4 e = reinterpret_cast<const uint4*>(w.masks)[tile * 16 + g * 2 + (lane & 1)];
       const uint32_t words[4] = {q.x, q.y, q.z, q.w}, meta[4] = {e.x, e.y, e.z, e.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
@@ -61,7 +71,6 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm_fwd_kernel(QWeight w, const
     } else {
       uint32_t words[4];
       if constexpr (L == Layout::dense) {
-        const uint4 q = reinterpret_cast<const uint4*>(w.qweight)[tile * 32 + lane];
         words[0] = q.x, words[1] = q.y, words[2] = q.z, words[3] = q.w;
       } else {
         expand_unstructured(w, nt, c, nsteps, lane, r0, stage[warp], words);

@@ -71,7 +71,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm_grad_kernel(QWeight w, cons
   constexpr int MR = MT * 8;
   __shared__ __align__(16) T wts[kWarps][16 * LDW];
   __shared__ __align__(16) T gys[kWarps][MR * 24];  // gy[m0.., n tile] per warp, rows padded to 24
-  __shared__ uint32_t stage[kWarps][64];
+  __shared__ uint32_t stage[kWarps][128];  // unstructured: one tile's code stream (<= 1024 nibbles)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   const int c = blockIdx.x, m0 = blockIdx.z * MR, ntiles = w.Np() / 16;
   const int n_begin = blockIdx.y * tiles_per_split, n_end = min(ntiles, n_begin + tiles_per_split);
