@@ -32,6 +32,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm_fwd_kernel(QWeight w, const
   const int m0 = blockIdx.z * MR, nsteps = w.Kp() / CK;
   const int c0 = blockIdx.y * steps_per_split, c1 = min(nsteps, c0 + steps_per_split);
   float acc[MT][4] = {};
+  const bool vec_x = !w.perm && ldx % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0;
   // dense / 2:4: the next step's words (and metadata) are loaded while this step computes
   const uint4* qw = reinterpret_cast<const uint4*>(w.qweight) + int64_t(nt) * nsteps * 32 + lane;
   const uint4* qm = reinterpret_cast<const uint4*>(w.masks) + int64_t(nt) * nsteps * 16 + g * 2 + (lane & 1);
@@ -48,9 +49,17 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm_fwd_kernel(QWeight w, const
       if (L == Layout::sparse24) e_next = qm[int64_t(c + 1) * 16];
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < MR * CK; i += kWarps * 32) {  // x[m0.., c*CK..] gathered through perm
-      const int r = i / CK, kk = i % CK, k = c * CK + kk, m = m0 + r;
-      xs[r * LD + kk] = (m < M && k < w.K) ? x[int64_t(m) * ldx + (w.perm ? w.perm[k] : k)] : T(0.f);
+    // stage x[m0.., c*CK..] (gathered through perm); 16-byte loads where rows are aligned and complete
+    for (int i = threadIdx.x; i < MR * CK / 8; i += kWarps * 32) {
+      const int r = i / (CK / 8), kk = i % (CK / 8) * 8, k = c * CK + kk, m = m0 + r;
+      T* dst = xs + r * LD + kk;
+      if (vec_x && m < M && k + 8 <= w.K) {
+        *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(x + int64_t(m) * ldx + k);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e)
+          dst[e] = (m < M && k + e < w.K) ? x[int64_t(m) * ldx + (w.perm ? w.perm[k + e] : k + e)] : T(0.f);
+      }
     }
     __syncthreads();
     if (nt >= ntiles) continue;
