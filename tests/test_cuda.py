@@ -273,3 +273,12 @@ def test_prefix_attention_bad_input():
         op(big, big, big, big[0], big[0], None, True, 1.0)
     with pytest.raises(RuntimeError, match="the CUDA kernels take float16 or bfloat16"):
         op(q.float(), k.float(), v.float(), kp.float(), vp.float(), None, True, 1.0)
+
+
+@pytest.mark.parametrize("sparsity", [None, "2:4", 0.6])
+def test_from_linear_on_the_gpu(sparsity):
+    lin = torch.nn.Linear(256, 72).to(DEV, torch.float16)
+    mod = CompressedLinear.from_linear(lin, group_size=64, sparsity=sparsity)
+    assert mod._cuda_layout and mod.qweight.is_cuda and mod.bias.is_cuda
+    x = torch.randn(5, 256, device=DEV, dtype=torch.float16)
+    assert mre(mod(x), mod.dequantize().to(DEV, torch.float16)(x)) < 1e-3

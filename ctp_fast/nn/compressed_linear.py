@@ -106,9 +106,12 @@ class CompressedLinear(nn.Module):
         if mask is None:
             mask = magnitude_mask(weight, sparsity)
         fmt = format_for(sparsity, mask)
-        w = fmt.pack(weight, group_size=group_size, symmetric=symmetric, bits=bits, scale_dtype=scale_dtype,
-                     perm=perm, mask=mask)
-        return cls(w, linear.bias)
+        # packing runs on the CPU; a GPU linear gets its module moved (repacked) to the GPU after
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        w = fmt.pack(weight.cpu(), group_size=group_size, symmetric=symmetric, bits=bits, scale_dtype=scale_dtype,
+                     perm=cpu(perm), mask=cpu(mask))
+        mod = cls(w, linear.bias)
+        return mod.to(weight.device) if weight.device.type != "cpu" else mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.weight_format, self.bias)
