@@ -35,7 +35,11 @@ class CompressedLinear(nn.Module):
 
     The forward runs the packed kernel; the input gradient runs the packed grad_input kernel, so a
     model made of these can be trained upstream of them (e.g. a soft prompt) with no dense weight.
+    On a GPU the buffers hold the CUDA layout of the format (see formats/cuda_layout.py): `.to("cuda")`
+    and `.cpu()` repack, and state dicts always hold the CPU layout.
     """
+
+    _cuda_layout = False  # buffers in the CUDA layout (set by _set_weight)
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None):
         super().__init__()
