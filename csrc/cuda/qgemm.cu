@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm_fwd_kernel(QWeight w, const
   }
 
   for (int c = c0; c < c1; ++c) {
-    const uint4 q = q_next, e = e_next;
+    const uint4 q = q_next, em = e_next;
     if (L != Layout::unstructured && nt < ntiles && c + 1 < c1) {
       q_next = qw[int64_t(c + 1) * 32];
       if (L == Layout::sparse24) e_next = qm[int64_t(c + 1) * 16];
@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kWarps * 32) qgemm_fwd_kernel(QWeight w, const
     __syncthreads();
     if (nt >= ntiles) continue;
     if constexpr (L == Layout::sparse24) {
-      const uint32_t words[4] = {q.x, q.y, q.z, q.w}, meta[4] = {e.x, e.y, e.z, e.w};
+      const uint32_t words[4] = {q.x, q.y, q.z, q.w}, meta[4] = {em.x, em.y, em.z, em.w};
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         uint32_t a[4];
