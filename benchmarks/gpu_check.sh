@@ -32,6 +32,14 @@ timeout 150 $py -m pytest -q -p no:cacheprovider --maxfail=40 tests/test_cuda.py
 grep -E "passed|failed|error" "$out/test_cuda.log" | tail -3
 [ $status -eq 0 ] || { grep -E "^(FAILED|ERROR)" "$out/test_cuda.log" | head -40; }
 
+if [ "${CTP_SANITIZE:-0}" = 1 ] && command -v compute-sanitizer >/dev/null; then
+  # opt-in: out-of-bounds and race checks on the small cases (needs a runtime with GPU counters)
+  echo "== compute-sanitizer (memcheck) on small cases"
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 $py -m pytest -q -p no:cacheprovider \
+    tests/test_cuda.py -k "33-100 or prefix_attention_forward_and_backward" >"$out/sanitizer.log" 2>&1 || status=1
+  tail -5 "$out/sanitizer.log"
+fi
+
 echo "== benchmarks"
 timeout 100 $py benchmarks/bench_cuda.py --out "$out" 2>&1 | tee "$out/bench.log" | tail -25 || status=1
 exit $status
