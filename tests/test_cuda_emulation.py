@@ -3,8 +3,12 @@ the index arithmetic of csrc/cuda/qgemm.cu and qgemm_grad.cu (fragment words, de
 unstructured expansion, 2:4 metadata, the transposed tiles of grad_input, accumulator placement),
 with mma.sync / mma.sp replaced by a matrix product over fragments rebuilt from the PTX ISA's
 documented fragment layouts. Checked against x W^T and gy W on the CPU, so a mismatch between the
-kernels' index math and the ISA's conventions shows up without a GPU."""
+kernels' index math and the ISA's conventions shows up without a GPU. Likewise the key ranges, splits,
+log-sum-exp merge and per-key backward of csrc/cuda/prefix_attention.cu against a concat-everything
+reference."""
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
@@ -254,3 +258,123 @@ def test_emulated_kernels_match_the_reference(fmt, n, k, g, sym, act):
     assert torch.allclose(emulate_forward(cw, x), x @ W.T, atol=1e-9, rtol=1e-9)
     gy = torch.randn(11, n, generator=gen, dtype=torch.float64)
     assert torch.allclose(emulate_grad(cw, gy), gy @ W, atol=1e-9, rtol=1e-9)
+
+
+# ------------------------------------------------------------------ prefix attention (prefix_attention.cu)
+def own_range(S, L, causal, kv_start, b, i):
+    lo = max(0, int(kv_start[b])) if kv_start is not None else 0
+    hi = min(S, S - L + i + 1) if causal else S
+    return lo, hi
+
+
+def emulate_attention(q, k, v, kp, vp, kv_start, causal, scale, splits):
+    """attn_fwd_kernel per (row, split) with its key ranges, then attn_merge_kernel."""
+    B, H, L, D = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], kp.shape[1]
+    per = max(-(-(P + S) // splits), 1)
+    out, lse = torch.zeros(B, H, L, D, dtype=torch.float64), torch.zeros(B, H, L, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            hk = h // (H // Hkv)
+            for i in range(L):
+                lo, hi = own_range(S, L, causal, kv_start, b, i)
+                parts = []
+                for s in range(splits):
+                    t0, t1 = s * per, min(P + S, s * per + per)
+                    keys = [(kp[hk, t], vp[hk, t]) for t in range(t0, min(t1, P))]
+                    keys += [(k[b, hk, j], v[b, hk, j]) for j in range(max(t0 - P, lo), min(t1 - P, hi))]
+                    m, l_, o = float("-inf"), 0.0, torch.zeros(D, dtype=torch.float64)
+                    for kk, vv in keys:  # online softmax
+                        sc = scale * float(q[b, h, i] @ kk)
+                        m_new = max(m, sc)
+                        corr, p = math.exp(m - m_new), math.exp(sc - m_new)
+                        l_, o, m = l_ * corr + p, o * corr + p * vv, m_new
+                    parts.append((o / l_ if l_ > 0 else o, m + math.log(l_) if l_ > 0 else float("-inf")))
+                mx = max(p[1] for p in parts)
+                wsum = sum(math.exp(p[1] - mx) for p in parts if p[1] != float("-inf"))
+                out[b, h, i] = sum(math.exp(p[1] - mx) * p[0] for p in parts
+                                   if p[1] != float("-inf")) / wsum
+                lse[b, h, i] = mx + math.log(wsum)
+    return out, lse
+
+
+def emulate_attention_backward(go, q, k, v, kp, vp, out, lse, kv_start, causal, scale):
+    """attn_dq_kernel per query row, attn_dkdv_kernel per key (prefix keys summed over the batch)."""
+    B, H, L, D = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], kp.shape[1]
+    G = H // Hkv
+    delta = (go * out).sum(-1)
+    dq = torch.zeros_like(q)
+    for b in range(B):
+        for h in range(H):
+            hk = h // G
+            for i in range(L):
+                lo, hi = own_range(S, L, causal, kv_start, b, i)
+                keys = [(kp[hk, t], vp[hk, t]) for t in range(P)] + [(k[b, hk, j], v[b, hk, j]) for j in range(lo, hi)]
+                for kk, vv in keys:
+                    p = torch.exp(scale * (q[b, h, i] @ kk) - lse[b, h, i])
+                    dq[b, h, i] += p * (go[b, h, i] @ vv - delta[b, h, i]) * kk
+    dq *= scale
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    dkp, dvp = torch.zeros_like(kp), torch.zeros_like(vp)
+    for b in range(B):
+        for hk in range(Hkv):
+            for key in range(P + S):
+                prefix, j = key < P, key - P
+                kk, vv = (kp[hk, key], vp[hk, key]) if prefix else (k[b, hk, j], v[b, hk, j])
+                i0 = 0
+                if not prefix:
+                    lo = max(0, int(kv_start[b])) if kv_start is not None else 0
+                    i0 = L if j < lo else (max(0, j - (S - L)) if causal else 0)
+                dkr, dvr = torch.zeros(D, dtype=torch.float64), torch.zeros(D, dtype=torch.float64)
+                for h in range(hk * G, (hk + 1) * G):
+                    for i in range(i0, L):
+                        p = torch.exp(scale * (q[b, h, i] @ kk) - lse[b, h, i])
+                        dvr += p * go[b, h, i]
+                        dkr += p * (go[b, h, i] @ vv - delta[b, h, i]) * q[b, h, i]
+                if prefix:
+                    dkp[hk, key] += scale * dkr
+                    dvp[hk, key] += dvr
+                else:
+                    dk[b, hk, j], dv[b, hk, j] = scale * dkr, dvr
+    return dq, dk, dv, dkp, dvp
+
+
+def attention_reference(q, k, v, kp, vp, kv_start, causal, scale):
+    B, H, L, D = q.shape
+    Hkv, S, P = k.shape[1], k.shape[2], kp.shape[1]
+    keys = torch.cat([kp.unsqueeze(0).expand(B, -1, -1, -1), k], 2).repeat_interleave(H // Hkv, 1)
+    vals = torch.cat([vp.unsqueeze(0).expand(B, -1, -1, -1), v], 2).repeat_interleave(H // Hkv, 1)
+    i, j = torch.arange(L)[:, None], torch.arange(S)[None, :]
+    own = torch.ones(B, L, S, dtype=torch.bool)
+    if causal:
+        own = own & (j <= S - L + i)
+    if kv_start is not None:
+        own = own & (j[None] >= kv_start.view(B, 1, 1))
+    allowed = torch.cat([torch.ones(B, L, P, dtype=torch.bool), own], 2)[:, None]
+    s = (scale * q @ keys.transpose(-1, -2)).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(s, -1) @ vals, torch.logsumexp(s, -1)
+
+
+@pytest.mark.parametrize("B,H,Hkv,L,S,P,causal,ks,splits", [
+    (2, 4, 2, 5, 9, 3, True, [0, 2], 3),
+    (1, 2, 1, 1, 12, 4, True, None, 4),   # decode, more splits than some ranges
+    (2, 2, 2, 4, 4, 0, False, [1, 0], 2),  # no prompt
+    (1, 3, 3, 6, 6, 2, True, None, 1),
+])
+def test_emulated_prefix_attention_matches_the_reference(B, H, Hkv, L, S, P, causal, ks, splits):
+    gen = torch.Generator().manual_seed(0)
+    D = 8
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v, kp, vp = r(B, H, L, D), r(B, Hkv, S, D), r(B, Hkv, S, D), r(Hkv, P, D), r(Hkv, P, D)
+    kv_start = None if ks is None else torch.tensor(ks)
+    scale = 0.4
+    out, lse = emulate_attention(q, k, v, kp, vp, kv_start, causal, scale, splits)
+    ins = [t.clone().requires_grad_() for t in (q, k, v, kp, vp)]
+    ref_out, ref_lse = attention_reference(*ins, kv_start, causal, scale)
+    assert torch.allclose(out, ref_out, atol=1e-10) and torch.allclose(lse, ref_lse, atol=1e-10)
+    go = r(B, H, L, D)
+    ref_out.backward(go)
+    grads = emulate_attention_backward(go, q, k, v, kp, vp, out, lse, kv_start, causal, scale)
+    for got, t in zip(grads, ins):
+        assert torch.allclose(got, t.grad, atol=1e-9)
