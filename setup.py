@@ -16,16 +16,17 @@ cuda_sources = sorted(glob.glob("csrc/cuda/*.cu", root_dir=here))
 cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
 
 with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None and bool(cuda_sources)
+# CTP_CUDA_ARCHS (e.g. "90a") narrows the targets, to build faster for one known GPU.
+cuda_archs = os.environ.get("CTP_CUDA_ARCHS", "80;90a").replace(",", ";").split(";")
 if with_cuda:
-    print(f"ctp_fast: building CPU and CUDA kernels ({len(cuda_sources)} .cu files, sm_80 and sm_90a)")
+    print(f"ctp_fast: building CPU and CUDA kernels ({len(cuda_sources)} .cu files, sm_{', sm_'.join(cuda_archs)})")
     ext = cpp_extension.CUDAExtension(
         "ctp_fast._C",
-        cpu_sources + cuda_sources,
+        cpu_sources + ["csrc/bindings_cuda.cpp"] + cuda_sources,
         define_macros=[("CTP_WITH_CUDA", None)],
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
-                     "-gencode=arch=compute_90a,code=sm_90a"],
+            "nvcc": ["-O3", "-std=c++17"] + [f"-gencode=arch=compute_{a},code=sm_{a}" for a in cuda_archs],
         },
         extra_link_args=["-fopenmp"],
     )

@@ -24,7 +24,7 @@ QUANT_METHOD = "ctp_fast"
 
 
 def module_entry(mod: CompressedLinear) -> dict:
-    w = mod.weight_format
+    w = mod.cpu_weight_format
     return {**w.config(), "tensors": {k: [list(t.shape), str(t.dtype).replace("torch.", "")]
                                       for k, t in w.tensors().items()}}
 

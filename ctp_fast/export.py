@@ -58,14 +58,14 @@ def export_compressed_tensors(model: nn.Module, out_dir: str | Path, tokenizer=N
     mods = {n: m for n, m in model.named_modules() if isinstance(m, CompressedLinear)}
     if not mods:
         raise ValueError("model: holds no CompressedLinear module to export")
-    group_sizes = {m.weight_format.group_size for m in mods.values()}
+    group_sizes = {m.cpu_weight_format.group_size for m in mods.values()}
     if len(group_sizes) != 1:
         raise ValueError(f"group_size: one group size per export, the model mixes {sorted(group_sizes)}")
     group = group_sizes.pop()
-    act_order = any(m.weight_format.perm is not None for m in mods.values())
+    act_order = any(m.cpu_weight_format.perm is not None for m in mods.values())
     state, skip = {}, set()
     for name, mod in mods.items():
-        for key, t in compressed_tensors_layer(mod.weight_format).items():
+        for key, t in compressed_tensors_layer(mod.cpu_weight_format).items():
             state[f"{name}.{key}"] = t
         if mod.bias is not None:
             state[f"{name}.bias"] = mod.bias.detach()

@@ -316,7 +316,12 @@ class PackedWeight:
                           out_features=self.out_features, in_features=self.in_features,
                           group_size=self.group_size, bits=self.bits, **moved)
 
-    def to(self, device) -> "PackedWeight":
+    def to(self, device):
+        """The weight on `device`; on a GPU that is the CUDA layout (formats/cuda_layout.py), which
+        `.to("cpu")` turns back into this format."""
+        if torch.device(device).type == "cuda":
+            from .cuda_layout import to_cuda_layout
+            return to_cuda_layout(self, device)
         return self.map(lambda t: t.to(device))
 
     def __repr__(self) -> str:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..formats import DenseWeight, PackedWeight, Sparse24Weight, UnstructuredWeight
+from ..formats.cuda_layout import CudaPackedWeight, move_weight, to_cuda_layout
 from ..ops import packed_linear
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,11 @@ class CompressedLinear(nn.Module):
 
     The forward runs the packed kernel; the input gradient runs the packed grad_input kernel, so a
     model made of these can be trained upstream of them (e.g. a soft prompt) with no dense weight.
+    On a GPU the buffers hold the CUDA layout of the format (see formats/cuda_layout.py): `.to("cuda")`
+    and `.cpu()` repack, and state dicts always hold the CPU layout.
     """
+
+    _cuda_layout = False  # buffers in the CUDA layout (set by _set_weight)
 
     def __init__(self, weight: PackedWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -49,17 +54,44 @@ class CompressedLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _set_weight(self, w: PackedWeight) -> None:
+    def _set_weight(self, w: PackedWeight | CudaPackedWeight) -> None:
         for key in _WEIGHT_KEYS:
             self.register_buffer(key, getattr(w, key, None))
-        self._format_cls, self.group_size, self.bits = type(w), w.group_size, w.bits
+        self._format_cls, self.group_size, self.bits = getattr(w, "source_cls", type(w)), w.group_size, w.bits
+        self._cuda_layout = isinstance(w, CudaPackedWeight)
 
     @property
-    def weight_format(self) -> PackedWeight:
-        """The packed weight (a view of this module's buffers)."""
+    def weight_format(self) -> PackedWeight | CudaPackedWeight:
+        """The packed weight (a view of this module's buffers; the CUDA layout while on a GPU)."""
+        if self._cuda_layout:
+            return CudaPackedWeight(self.qweight, self.scales, self.zeros, self.perm, self.out_features,
+                                    self.in_features, self.group_size, self.bits, source_cls=self._format_cls,
+                                    masks=self.masks, offsets=self.offsets)
         extra = {k: getattr(self, k) for k in self._format_cls.EXTRA_TENSORS}
         return self._format_cls(self.qweight, self.scales, self.zeros, self.perm, self.out_features,
                                 self.in_features, self.group_size, self.bits, **extra)
+
+    @property
+    def cpu_weight_format(self) -> PackedWeight:
+        """The packed weight in its device-neutral (CPU) format, as checkpoints store it."""
+        w = self.weight_format
+        return w.cpu_weight() if self._cuda_layout else w
+
+    def _apply(self, fn, recurse=True):
+        # Moving between the CPU and a GPU repacks the weight into that device's layout; while in the
+        # CUDA layout the packed buffers follow device moves only (their dtypes are the layout's).
+        probe = fn(torch.zeros(1, device=self.qweight.device))
+        if (probe.device.type == "cuda") != self._cuda_layout:
+            self._set_weight(move_weight(self.weight_format, probe.device))
+        if not self._cuda_layout:
+            return super()._apply(fn, recurse)
+        packed = {k: self._buffers.pop(k) for k in _WEIGHT_KEYS}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for k, t in packed.items():
+                self._buffers[k] = None if t is None else t.to(probe.device)
+        return self
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, symmetric: bool = True,
@@ -78,9 +110,12 @@ class CompressedLinear(nn.Module):
         if mask is None:
             mask = magnitude_mask(weight, sparsity)
         fmt = format_for(sparsity, mask)
-        w = fmt.pack(weight, group_size=group_size, symmetric=symmetric, bits=bits, scale_dtype=scale_dtype,
-                     perm=perm, mask=mask)
-        return cls(w, linear.bias)
+        # packing runs on the CPU; a GPU linear gets its module moved (repacked) to the GPU after
+        cpu = lambda t: None if t is None else t.cpu()  # noqa: E731
+        w = fmt.pack(weight.cpu(), group_size=group_size, symmetric=symmetric, bits=bits, scale_dtype=scale_dtype,
+                     perm=cpu(perm), mask=cpu(mask))
+        mod = cls(w, linear.bias)
+        return mod.to(weight.device) if weight.device.type != "cpu" else mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return packed_linear(x, self.weight_format, self.bias)
@@ -109,17 +144,30 @@ class CompressedLinear(nn.Module):
                 f"bytes={self.nbytes} ({self.nbytes / (self.in_features * self.out_features):.3f}/weight)")
 
     # ------------------------------------------------------------------ state dict
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._cuda_layout:  # checkpoints stay device-neutral: always the CPU layout
+            for key in _WEIGHT_KEYS:
+                destination.pop(prefix + key, None)
+            for key, t in self.cpu_weight_format.tensors().items():
+                destination[prefix + key] = t
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         # Check the incoming packed tensors against this module's format before anything is copied,
         # so a truncated or foreign state dict fails with a message naming the tensor.
-        cfg = self.weight_format.config()
+        cfg = self.cpu_weight_format.config()
         tensors = {k: state_dict[prefix + k] for k in _WEIGHT_KEYS if prefix + k in state_dict}
         try:
             w = PackedWeight.from_state_dict({**tensors, "config": cfg})
         except ValueError as e:
             raise ValueError(f"{prefix or 'CompressedLinear.'}{e}") from None
-        self._set_weight(w.map(torch.clone))
+        if self._cuda_layout:  # checkpoints hold the CPU layout: repack, and let the copy below be a no-op
+            self._set_weight(to_cuda_layout(w, self.qweight.device))
+            state_dict = {**state_dict, **{prefix + k: getattr(self, k) for k in _WEIGHT_KEYS
+                                           if getattr(self, k) is not None}}
+        else:
+            self._set_weight(w.map(torch.clone))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
