@@ -13,22 +13,6 @@ from .formats.base import PackedWeight
 
 _ops = torch.ops.ctp_fast
 
-# The prompt-prefixed attention ops are defined in csrc/bindings.cpp on main; a build without that
-# definition (whose CUDA impls are registered by csrc/bindings_cuda.cpp) gets the same schemas here.
-_PREFIX_ATTENTION_SCHEMAS = {
-    "prefix_attention": "prefix_attention(Tensor q, Tensor k, Tensor v, Tensor k_prefix, Tensor v_prefix, "
-                        "Tensor? kv_start, bool causal, float scale) -> (Tensor out, Tensor lse)",
-    "prefix_attention_backward": "prefix_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, "
-                                 "Tensor k_prefix, Tensor v_prefix, Tensor out, Tensor lse, Tensor? kv_start, "
-                                 "bool causal, float scale) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dk_prefix, "
-                                 "Tensor dv_prefix)",
-}
-_missing = [name for name in _PREFIX_ATTENTION_SCHEMAS if not hasattr(_ops, name)]
-if _missing:
-    _fragment = torch.library.Library("ctp_fast", "FRAGMENT")
-    for _name in _missing:
-        _fragment.define(_PREFIX_ATTENTION_SCHEMAS[_name])
-
 
 def _check_devices(first: str, x, **tensors) -> None:
     # A meta tensor anywhere routes the call here rather than to the CPU kernel (whose checks would
