@@ -84,7 +84,7 @@ def cmd_compress(args) -> int:
         calib = token_windows(tok, corpus_split(args.calib_corpus, "train", args.seed), args.seqlen, args.windows)
         log.info("calibration: %d windows of %d tokens from %s (train split)", len(calib), args.seqlen, args.calib_corpus)
     resume = Path(args.out).with_name(Path(args.out).name + ".resume") if args.resume else None
-    report = compress(model, recipe, calib, batch_size=args.batch_size, resume_dir=resume)
+    report = compress(model, recipe, calib, batch_size=args.batch_size, resume_dir=resume, device=args.device)
     print(report)
     if recipe.bits is None:
         print("prune-only recipe: weights stay dense floats (with zeros); nothing packed to save")
@@ -206,6 +206,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-corpus", default="wiki", help="corpus name or text file / folder")
     p.add_argument("--resume", action="store_true", help="keep a resume point per finished block in OUT.resume")
+    p.add_argument("--device", default=None, help="calibrate one block at a time on this device (e.g. cuda:0), the rest "
+                                                  "of the model staying on CPU / memory-mapped from disk")
     p.add_argument("--export-compressed-tensors", metavar="DIR", default=None,
                    help="also write the model in compressed-tensors pack-quantized layout (dense symmetric int4)")
     _add_recipe_args(p)

@@ -70,7 +70,8 @@ def init(device: str | torch.device = "cpu", timeout: float | None = None) -> to
     except Exception as e:  # the store or a peer did not come up in time
         raise DistributedError(f"rank {os.environ.get('RANK')}: could not join the process group "
                                f"({backend}, timeout {seconds:g} s, ${TIMEOUT_ENV}): {e}") from e
-    log.info("rank %d of %d (%s, %s), collective timeout %g s", rank(), world_size(), backend, device, seconds)
+    if is_main():
+        log.info("%d ranks (%s, rank 0 on %s), collective timeout %g s", world_size(), backend, device, seconds)
     return device
 
 
@@ -172,5 +173,10 @@ def setup_logging(level: int) -> None:
         root.setLevel(logging.WARNING)
         for h in root.handlers:
             h.setFormatter(logging.Formatter(f"[rank {rank()}] %(asctime)s %(name)s: %(message)s"))
+        try:  # transformers' own progress bars (loading weights)
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except ImportError:  # pragma: no cover
+            pass
     else:
         root.setLevel(level)
