@@ -155,14 +155,17 @@ def shard_bounds(n: int, ranks: int | None = None, r: int | None = None) -> tupl
     return start, start + base + (r < extra)
 
 
+def check_batch(n: int, name: str = "batch_size") -> None:
+    """Every rank must get at least one window of a global batch of n (`name`: the setting to raise)."""
+    if n < world_size():
+        raise ValueError(f"{name}: the global batch of {n} windows cannot be split over {world_size()} ranks; "
+                         f"use at least {world_size()} (one window per rank)")
+
+
 def shard(batch: torch.Tensor, name: str = "batch_size") -> torch.Tensor:
-    """This rank's contiguous rows of a global batch. Every rank must get at least one row: a batch
-    smaller than the number of ranks is refused (`name` is the setting to raise)."""
-    ranks = world_size()
-    if len(batch) < ranks:
-        raise ValueError(f"{name}: the global batch of {len(batch)} windows cannot be split over {ranks} ranks; "
-                         f"use at least {ranks} (one window per rank)")
-    start, stop = shard_bounds(len(batch), ranks)
+    """This rank's contiguous rows of a global batch (see `check_batch` and `shard_bounds`)."""
+    check_batch(len(batch), name)
+    start, stop = shard_bounds(len(batch))
     return batch[start:stop]
 
 

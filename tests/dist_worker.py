@@ -3,7 +3,7 @@ RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT).
 
     python tests/dist_worker.py SPEC.json
 
-SPEC: {"job": "tune" | "eval", "out": folder for this worker's own results, "run_dir": tune's out_dir,
+SPEC: {"jobs": ["tune", "eval"] (either or both, in order), "prompt": the prompt file evaluation uses, "out": folder for this worker's own results, "run_dir": tune's out_dir,
 "config": TuneConfig fields, "crash_at": step after which every rank raises, "stall_at": step after which
 this worker writes `stalled.<rank>` and then keeps training (the test kills or stops it)}.
 Writes out/rank<r>.pt (the result) and out/writes<r>.json (every path this rank wrote through atomic_path).
@@ -30,6 +30,24 @@ class Crash(Exception):
     pass
 
 
+def run_job(job: str, spec: dict, model, out: Path, rank: int) -> dict:
+    if job == "tune":
+        def callback(step, record):
+            if step == spec.get("stall_at"):
+                (out / f"stalled.{rank}").write_text("")
+            if step == spec.get("crash_at"):
+                raise Crash(f"crash after step {step}")
+
+        train, val, test = windows(*spec["train"], seed=1), windows(4, 12, seed=2), windows(5, 12, seed=3)
+        res = tune(model, train, val, TuneConfig(**spec["config"]), out_dir=spec.get("run_dir"),
+                   resume=spec.get("resume", False), test_windows=test, progress=False, callback=callback)
+        return {"prompt": res.prompt.embeddings, "history": res.history, "best_step": res.best_step,
+                "test_loss": res.test_loss, "test_tokens": res.test_tokens}
+    prompt = SoftPrompt(torch.load(spec["prompt"], weights_only=True))
+    nll = perplexity(model, windows(7, 12, seed=4), batch_size=2, prompt=prompt)
+    return {"total": nll.total, "tokens": nll.tokens, "cloze": cloze_accuracy(model, cloze_set(model, prompt), prompt=prompt)}
+
+
 def main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     out = Path(spec["out"])
@@ -46,26 +64,11 @@ def main(spec_path: str) -> int:
         if getattr(mod, "atomic_path", None) is real_atomic:
             mod.atomic_path = recording_atomic_path
 
-    model = tiny_llama()
     result = {}
     try:
-        if spec["job"] == "tune":
-            def callback(step, record):
-                if step == spec.get("stall_at"):
-                    (out / f"stalled.{rank}").write_text("")
-                if step == spec.get("crash_at"):
-                    raise Crash(f"crash after step {step}")
-
-            train, val, test = windows(*spec["train"], seed=1), windows(4, 12, seed=2), windows(5, 12, seed=3)
-            res = tune(model, train, val, TuneConfig(**spec["config"]), out_dir=spec.get("run_dir"),
-                       resume=spec.get("resume", False), test_windows=test, progress=False, callback=callback)
-            result = {"prompt": res.prompt.embeddings, "history": res.history, "best_step": res.best_step,
-                      "test_loss": res.test_loss, "test_tokens": res.test_tokens}
-        elif spec["job"] == "eval":
-            prompt = SoftPrompt(torch.load(spec["prompt"], weights_only=True))
-            nll = perplexity(model, windows(7, 12, seed=4), batch_size=2, prompt=prompt)
-            result = {"total": nll.total, "tokens": nll.tokens,
-                      "cloze": cloze_accuracy(model, cloze_set(model, prompt), prompt=prompt)}
+        for job in spec["jobs"]:
+            model = tiny_llama()
+            result.update(run_job(job, spec, model, out, rank))
     except Crash:
         pass
     (out / f"writes{rank}.json").write_text(json.dumps(writes))

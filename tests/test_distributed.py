@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import ctp_fast
-from ctp_fast import distributed
+from ctp_fast import cli, distributed
 from ctp_fast.eval import cloze_accuracy, perplexity
 from ctp_fast.prompt import SoftPrompt, TuneConfig, tune
 
@@ -104,12 +104,31 @@ def test_timeout_setting(monkeypatch):
         distributed.timeout_seconds(0)
 
 
-def test_two_ranks_tune_like_one_and_only_rank0_writes(tmp_path):
-    procs = launch(tmp_path, {"job": "tune", "config": CONFIG, "train": TRAIN, "run_dir": str(tmp_path / "run2")})
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    """2 ranks tune (CONFIG) and then evaluate a fixed prompt, started now and collected when a test asks."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    torch.save(SoftPrompt.random(3, 32, std=0.3, seed=1).embeddings.detach(), tmp / "prompt.pt")
+    procs = launch(tmp, {"jobs": ["tune", "eval"], "config": CONFIG, "train": TRAIN, "run_dir": str(tmp / "run2"),
+                         "prompt": str(tmp / "prompt.pt")})
+    done = {}
+
+    def results():
+        if not done:
+            done["ranks"] = wait_all(procs, tmp)
+        return tmp, done["ranks"]
+    yield results
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_two_ranks_tune_like_one_and_only_rank0_writes(two_ranks, tmp_path):
     train, val, test = windows(*TRAIN, seed=1), windows(4, 12, seed=2), windows(5, 12, seed=3)
     one = tune(tiny_llama(), train, val, TuneConfig(**CONFIG), out_dir=tmp_path / "run1", test_windows=test,
                progress=False)
-    ranks = wait_all(procs, tmp_path)
+    tmp, ranks = two_ranks()
     for r in ranks:  # every rank ends with the 1-rank prompt (and so with each other's)
         torch.testing.assert_close(r["prompt"], one.prompt.embeddings, rtol=1e-4, atol=1e-5)
         assert [h["loss"] for h in r["history"]["train"]] == pytest.approx(
@@ -119,22 +138,20 @@ def test_two_ranks_tune_like_one_and_only_rank0_writes(tmp_path):
         assert r["best_step"] == one.best_step and r["test_tokens"] == one.test_tokens
     assert torch.equal(ranks[0]["prompt"], ranks[1]["prompt"])
     # only rank 0 wrote, and it wrote what a 1-rank run writes
-    writes = [json.loads((tmp_path / f"writes{r}.json").read_text()) for r in range(2)]
+    writes = [json.loads((tmp / f"writes{r}.json").read_text()) for r in range(2)]
     assert writes[1] == [] and any(w.endswith("state.pt") for w in writes[0])
-    assert sorted(p.name for p in (tmp_path / "run2").iterdir()) == sorted(p.name for p in (tmp_path / "run1").iterdir())
-    state = torch.load(tmp_path / "run2" / "state.pt", weights_only=True)
+    assert sorted(p.name for p in (tmp / "run2").iterdir()) == sorted(p.name for p in (tmp_path / "run1").iterdir())
+    state = torch.load(tmp / "run2" / "state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["pos"] == CONFIG["steps"] * CONFIG["batch_size"] * CONFIG["grad_accum"]
 
 
-def test_two_ranks_evaluate_like_one(tmp_path):
+def test_two_ranks_evaluate_like_one(two_ranks):
     model = tiny_llama()
     prompt = SoftPrompt.random(3, 32, std=0.3, seed=1)
-    torch.save(prompt.embeddings.detach(), tmp_path / "prompt.pt")
-    procs = launch(tmp_path, {"job": "eval", "prompt": str(tmp_path / "prompt.pt")})
     nll = perplexity(model, windows(7, 12, seed=4), batch_size=2, prompt=prompt)  # 4 batches, the last of 1
     acc = cloze_accuracy(model, cloze_set(model, prompt), prompt=prompt)
     assert 0 < acc < 1
-    for r in wait_all(procs, tmp_path):
+    for r in two_ranks()[1]:
         assert r["tokens"] == nll.tokens == 7 * 11  # exact counts
         assert r["total"] == nll.total  # per-batch sums added in the same order: the same float
         assert r["cloze"] == acc
@@ -161,7 +178,7 @@ def test_resume_on_another_number_of_ranks(tmp_path):
     with pytest.raises(_Crash):
         tune(tiny_llama(), train, val, cfg, out_dir=run, test_windows=test, progress=False, callback=_crash_at(3))
     assert torch.load(run / "state.pt", weights_only=True)["step"] == 2
-    wait_all(launch(tmp_path, {"job": "tune", "config": config, "train": TRAIN, "run_dir": str(run), "resume": True,
+    wait_all(launch(tmp_path, {"jobs": ["tune"], "config": config, "train": TRAIN, "run_dir": str(run), "resume": True,
                                "crash_at": 5}), tmp_path)
     saved = torch.load(run / "state.pt", weights_only=True)
     assert saved["step"] == 4 and saved["world_size"] == 2 and saved["pos"] == 4 * 3 * 2
@@ -189,7 +206,7 @@ def test_a_dead_or_stalled_rank_fails_the_job_within_the_timeout(tmp_path, how):
     must exit non-zero with the DistributedError message within the 4 s collective timeout (+ slack)."""
     timeout_s = 4.0
     cfg = dict(CONFIG, steps=100_000, eval_every=100_000, save_every=100_000)
-    procs = launch(tmp_path, {"job": "tune", "config": cfg, "train": TRAIN, "stall_at": 2}, timeout_s=timeout_s)
+    procs = launch(tmp_path, {"jobs": ["tune"], "config": cfg, "train": TRAIN, "stall_at": 2}, timeout_s=timeout_s)
     try:
         _until_stalled(tmp_path, procs, 1)
         os.kill(procs[1].pid, signal.SIGKILL if how == "killed" else signal.SIGSTOP)
@@ -213,3 +230,47 @@ def test_batch_smaller_than_the_ranks_is_refused(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 4)
     with pytest.raises(ValueError, match=r"batch_size: the global batch of 3 windows cannot be split over 4 ranks"):
         distributed.shard(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"batch_size: the global batch of 2 windows cannot be split over 4 ranks"):
+        tune(tiny_llama(), windows(4, 8), None, TuneConfig(batch_size=2, steps=1), progress=False)
+
+
+SMOL = Path(os.environ.get("CTP_FAST_CACHE", Path.home() / ".cache" / "ctp_fast")) / "smollm2-135m"
+
+
+@pytest.mark.skipif(not (SMOL / "tokenizer.json").exists(), reason="the SmolLM2 tokenizer is not in the cache")
+def test_cli_under_torchrun(tmp_path, capsys):
+    """`torchrun -m ctp_fast tune / eval` end to end (a tiny model with SmolLM2's tokenizer, a text-file
+    corpus): rank 0 alone prints and writes, and 2-rank evaluation prints the 1-rank table."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(SMOL)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=64,
+                                 tie_word_embeddings=True)).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    words = "the a cat dog sat on mat and ran far away while birds sang".split()
+    g = torch.Generator().manual_seed(0)
+    docs = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (40,), generator=g)) for _ in range(30)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([SOURCE, os.environ.get("PYTHONPATH", "")])}
+
+    def ctp(*argv):  # 2 ranks
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "ctp_fast", "--dist-timeout", "60", *argv]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r.stdout
+
+    data = ["--model", str(tmp_path / "model"), "--seqlen", "16"]
+    out = ctp("tune", *data, "--corpus", str(tmp_path / "corpus.txt"), "--out", str(tmp_path / "run"),
+              "--steps", "2", "--batch-size", "3", "--val-windows", "2", "--eval-every", "1", "--n-tokens", "2")
+    assert out.count("best val ppl") == 1  # rank 0 only
+    assert (tmp_path / "run" / "best" / "adapter_model.safetensors").exists()
+    assert torch.load(tmp_path / "run" / "state.pt", weights_only=True)["world_size"] == 2
+    ev = ["eval", *data, "--corpora", str(tmp_path / "corpus.txt"), "--windows", "5", "--batch-size", "2",
+          "--prompt", str(tmp_path / "run" / "best")]
+    two = ctp(*ev)
+    assert cli.main(ev) == 0  # one process, in this one
+    one = capsys.readouterr().out
+    assert two == one and len(one.splitlines()) == 2, (one, two)

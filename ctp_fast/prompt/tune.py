@@ -244,9 +244,9 @@ class _Order:
 def _token_share(ids: torch.Tensor, step: int) -> float:
     """This rank's scored tokens over those of the whole global micro-batch (1.0 with one process), so
     that summing `loss * share` over ranks gives the mean over the global micro-batch."""
-    local = int((scored_targets(0, ids) != -100).sum())
     if distributed.world_size() == 1:
         return 1.0
+    local = int((scored_targets(0, ids) != -100).sum())
     total = int(distributed.all_reduce_sum(torch.tensor([local], dtype=torch.long),
                                            f"all_reduce of the token count (step {step + 1})"))
     return local / total
@@ -309,6 +309,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
     config = config or TuneConfig()
     train_windows = _check_windows("train_windows", train_windows)
     val_windows = _check_windows("val_windows", val_windows, required=False)
+    distributed.check_batch(config.batch_size)
     test_windows = _check_windows("test_windows", test_windows, required=False)
     out = Path(out_dir) if out_dir is not None else None
     save_every = config.save_every or config.eval_every
