@@ -48,8 +48,19 @@ def _add_data_args(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def _device(value: str) -> str:
+    import torch
+
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {value!r}") from None
+    return value
+
+
 def _add_device_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK, NCCL; cpu: gloo)")
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="cpu or cuda (under torchrun: cuda:LOCAL_RANK with NCCL; cpu with gloo)")
 
 
 def _load_any(path: str):
@@ -206,7 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-corpus", default="wiki", help="corpus name or text file / folder")
     p.add_argument("--resume", action="store_true", help="keep a resume point per finished block in OUT.resume")
-    p.add_argument("--device", default=None, help="calibrate one block at a time on this device (e.g. cuda:0), the rest "
+    p.add_argument("--device", type=_device, default=None, help="calibrate one block at a time on this device (e.g. cuda:0), the rest "
                                                   "of the model staying on CPU / memory-mapped from disk")
     p.add_argument("--export-compressed-tensors", metavar="DIR", default=None,
                    help="also write the model in compressed-tensors pack-quantized layout (dense symmetric int4)")

@@ -40,7 +40,7 @@ def launched() -> bool:
 
 def timeout_seconds(value: float | str | None = None) -> float:
     """The collective timeout: `value`, else $CTP_DIST_TIMEOUT, else 300 s."""
-    name = "timeout" if value is not None else TIMEOUT_ENV
+    name = "timeout (--dist-timeout)" if value is not None else f"${TIMEOUT_ENV}"
     raw = value if value is not None else os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT)
     try:
         t = float(raw)

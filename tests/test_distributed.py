@@ -100,7 +100,7 @@ def test_timeout_setting(monkeypatch):
     monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(ValueError, match=distributed.TIMEOUT_ENV):
         distributed.timeout_seconds()
-    with pytest.raises(ValueError, match="timeout: expected a positive number"):
+    with pytest.raises(ValueError, match=r"timeout \(--dist-timeout\): expected a positive number"):
         distributed.timeout_seconds(0)
 
 
