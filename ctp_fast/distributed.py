@@ -55,7 +55,10 @@ def init(device: str | torch.device = "cpu", timeout: float | None = None) -> to
     """Joins the process group described by torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...)
     with NCCL for a CUDA `device` and gloo otherwise; returns this rank's device (cuda:LOCAL_RANK for
     CUDA). A no-op returning `device` when not launched with several ranks or already initialised."""
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected a torch device such as cpu, cuda or cuda:1, got {device!r}") from None
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     if not launched() or is_initialized():

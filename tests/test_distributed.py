@@ -89,6 +89,9 @@ def test_helpers_without_a_process_group():
     assert [distributed.shard_bounds(5, 2, r) for r in range(2)] == [(0, 3), (3, 5)]
     assert [distributed.shard_bounds(7, 3, r) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
     assert [distributed.shard_bounds(1, 2, r) for r in range(2)] == [(0, 1), (1, 1)]
+    assert distributed.init("cpu") == torch.device("cpu") and not distributed.is_initialized()  # not launched
+    with pytest.raises(ValueError, match="device: expected a torch device"):
+        distributed.init("gpu")
 
 
 def test_timeout_setting(monkeypatch):
