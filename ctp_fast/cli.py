@@ -3,6 +3,7 @@
   ctp compress --model smollm2-135m --method gptq --bits 4 --group-size 128 --out runs/gptq4
   ctp eval --model runs/gptq4 --corpora wiki,wikixml,news
   ctp tune --model runs/gptq4 --corpus wiki --out runs/prompt
+  torchrun --nproc_per_node 2 -m ctp_fast tune --model runs/gptq4 --out runs/prompt   (data parallel)
   ctp demo [--quick]
   ctp bench kernels|formats|prefix|e2e [--quick]
 """
@@ -15,6 +16,8 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+
+from . import distributed
 
 log = logging.getLogger("ctp_fast")
 
@@ -43,6 +46,21 @@ def _add_data_args(p: argparse.ArgumentParser, windows: int) -> None:
     p.add_argument("--windows", type=int, default=windows, help="token windows used")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+
+
+def _device(value: str) -> str:
+    import torch
+
+    try:
+        torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected a torch device such as cpu, cuda or cuda:1, got {value!r}") from None
+    return value
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", type=_device, default="cpu",
+                   help="cpu or cuda (under torchrun: cuda:LOCAL_RANK with NCCL; cpu with gloo)")
 
 
 def _load_any(path: str):
@@ -77,7 +95,7 @@ def cmd_compress(args) -> int:
         calib = token_windows(tok, corpus_split(args.calib_corpus, "train", args.seed), args.seqlen, args.windows)
         log.info("calibration: %d windows of %d tokens from %s (train split)", len(calib), args.seqlen, args.calib_corpus)
     resume = Path(args.out).with_name(Path(args.out).name + ".resume") if args.resume else None
-    report = compress(model, recipe, calib, batch_size=args.batch_size, resume_dir=resume)
+    report = compress(model, recipe, calib, batch_size=args.batch_size, resume_dir=resume, device=args.device)
     print(report)
     if recipe.bits is None:
         print("prune-only recipe: weights stay dense floats (with zeros); nothing packed to save")
@@ -102,13 +120,17 @@ def cmd_eval(args) -> int:
     from .prompt import load_prompt
 
     model, tok = _load_any(args.model)
-    prompt = load_prompt(args.prompt)[0] if args.prompt else None
+    model.to(args.device)
+    prompt = load_prompt(args.prompt)[0].to(args.device) if args.prompt else None
     bos = "gemma" in type(model).__name__.lower()
     rows = []
     for corpus in args.corpora.split(","):
         windows = token_windows(tok, corpus_split(corpus, args.split, args.seed), args.seqlen, args.windows, bos=bos)
-        r = perplexity(model, windows, args.batch_size, prompt=prompt, progress=True, desc=f"{corpus} ({args.split})")
+        r = perplexity(model, windows.to(args.device), args.batch_size, prompt=prompt, progress=True,
+                       desc=f"{corpus} ({args.split})")
         rows.append((corpus, len(windows), r.tokens, r.loss, r.ppl))
+    if not distributed.is_main():
+        return 0
     print(f"{'corpus':10} {'windows':>8} {'tokens':>8} {'loss':>8} {'ppl':>10}")
     for corpus, n, t, loss, ppl in rows:
         print(f"{corpus:10} {n:8d} {t:8d} {loss:8.4f} {ppl:10.3f}")
@@ -146,6 +168,7 @@ def cmd_tune(args) -> int:
     from .prompt import TuneConfig, tune
 
     model, tok = _load_any(args.model)
+    model.to(args.device)
     bos = "gemma" in type(model).__name__.lower()
     win = lambda split, n: token_windows(tok, corpus_split(args.corpus, split, args.seed), args.seqlen, n, bos=bos)  # noqa: E731
     cfg = TuneConfig(n_tokens=args.n_tokens, init=args.init, init_text=args.init_text, optimizer=args.optimizer,
@@ -157,6 +180,8 @@ def cmd_tune(args) -> int:
                   test_windows=win("test", args.val_windows), tokenizer=tok,
                   metadata={"model": args.model, "corpus": args.corpus,
                             "compression": qcfg.get("recipe") if isinstance(qcfg, dict) else None})
+    if not distributed.is_main():
+        return 0
     print(f"best val ppl {result.best_val_ppl:.3f} at step {result.best_step}; test ppl {result.test_ppl:.3f}; "
           f"prompt saved in {args.out}/best")
     return 0
@@ -186,6 +211,9 @@ def cmd_bench(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ctp", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                        help="under torchrun: fail when another rank does not answer within this time "
+                             f"(default ${distributed.TIMEOUT_ENV} or {distributed.DEFAULT_TIMEOUT:g})")
     sub = parser.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("compress", help="compress a model and save it")
@@ -193,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--calib-corpus", default="wiki", help="corpus name or text file / folder")
     p.add_argument("--resume", action="store_true", help="keep a resume point per finished block in OUT.resume")
+    p.add_argument("--device", type=_device, default=None, help="calibrate one block at a time on this device (e.g. cuda:0), the rest "
+                                                  "of the model staying on CPU / memory-mapped from disk")
     p.add_argument("--export-compressed-tensors", metavar="DIR", default=None,
                    help="also write the model in compressed-tensors pack-quantized layout (dense symmetric int4)")
     _add_recipe_args(p)
@@ -204,6 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--corpora", default="wiki,wikixml,news")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--prompt", default=None, help="a soft prompt folder to prepend (PEFT layout)")
+    _add_device_arg(p)
     _add_data_args(p, windows=8)
     p.set_defaults(fn=cmd_eval)
 
@@ -234,6 +265,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--val-windows", type=int, default=8)
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    _add_device_arg(p)
     _add_data_args(p, windows=0)
     p.set_defaults(fn=cmd_tune, seqlen=256)
 
@@ -249,13 +281,24 @@ def main(argv=None) -> int:
     p.set_defaults(fn=cmd_bench)
 
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(name)s: %(message)s")
+    level = logging.INFO if args.verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
     try:
+        if distributed.launched():
+            if args.cmd not in ("tune", "eval"):
+                raise ValueError(f"torchrun: only 'tune' and 'eval' run data parallel, not {args.cmd!r}; "
+                                 "run it as one process")
+            args.device = str(distributed.init(args.device, args.dist_timeout))
+            distributed.setup_logging(level)
         return args.fn(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"ctp {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as e:
+        print(f"ctp {args.cmd}: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        distributed.close()
 
 
 if __name__ == "__main__":

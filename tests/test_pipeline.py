@@ -283,3 +283,50 @@ def test_calibration_text_needs_and_uses_a_tokenizer():
     report = ctp_fast.compress_model(model, Recipe(method="gptq", group_size=32), docs, tokenizer=_Tok(), seqlen=16,
                                      n_windows=8, progress=False)
     assert report.calibration_windows == 8 and report.layers == 14
+
+
+def _mapped_files(t: torch.Tensor) -> set[str]:
+    """The files whose memory mapping holds `t`'s data (Linux /proc/self/maps)."""
+    addr, found = t.data_ptr(), set()
+    for line in open("/proc/self/maps"):
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        if lo <= addr < hi and len(parts) > 5:
+            found.add(parts[5])
+    return found
+
+
+def test_block_by_block_on_a_device_with_the_model_memory_mapped(tmp_path):
+    """compress(device=...) moves one block at a time to the device and back; the rest of the model stays
+    where it was loaded (here: memory-mapped from its safetensors file, on disk until read); the result
+    equals the plain run. (On CPU the moves are no-ops: the hooks check their order.)"""
+    tiny_llama().save_pretrained(tmp_path / "dense")
+    recipe = Recipe(method="gptq", bits=4, group_size=32)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    compress(plain, recipe, CALIB, progress=False)
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    layers = decoder_layers(model)
+    st = str((tmp_path / "dense" / "model.safetensors").resolve())
+    assert st in _mapped_files(layers[1].mlp.up_proj.weight)  # on disk, not copied into memory
+    events = []
+    for i, block in enumerate(layers):
+        block.register_forward_hook(lambda m, a, out, i=i: events.append(("run", i)))  # ran to the end
+        real_to = block.to
+        block.to = lambda *a, i=i, real_to=real_to, **k: (events.append(("to", i, str(a[0]))), real_to(*a, **k))[1]
+    compress(model, recipe, CALIB, progress=False, device="cpu")
+    # block i moves in, runs, moves back, before block i + 1 moves: one block on the device at a time
+    moves = [e for e in events if e[0] == "to"]
+    assert moves == [("to", 0, "cpu"), ("to", 0, "cpu"), ("to", 1, "cpu"), ("to", 1, "cpu")]
+    resident = None
+    for e in events:
+        if e[0] == "to":
+            resident = e[1] if resident is None else None
+        else:
+            assert e[1] == resident, events
+    # untouched parts of the model are still the file mapping; the result is the plain run's
+    assert st in _mapped_files(model.lm_head.weight)
+    for (ka, a), (kb, b) in zip(plain.state_dict().items(), model.state_dict().items()):
+        assert ka == kb and torch.equal(a, b), ka
+    with pytest.raises(ValueError, match="device: expected a torch device"):
+        compress(tiny_llama(), recipe, CALIB, progress=False, device="gpu0")

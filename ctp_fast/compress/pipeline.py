@@ -6,6 +6,12 @@ to give the next block its inputs, so every block sees the outputs of the alread
 before it. With `true_sequential`, the linears of a block are compressed stage by stage (q/k/v, then
 o, then gate/up, then down for LLaMA), each stage calibrated on the outputs of the compressed stages
 before it. A finished block is written to `resume_dir`, so an interrupted run continues from there.
+
+Models larger than the accelerator: with `device=` (e.g. "cuda:0") the model stays where it was loaded
+(CPU; `from_pretrained` on CPU memory-maps a safetensors file whose dtype matches, so the weights stay
+on disk until read) and one block at a time moves to `device` to be calibrated and compressed, then
+(offload=True) back, compressed, to where it came from. The accelerator holds one block's weights, its
+calibration statistics and the calibration activations, never the whole model.
 """
 from __future__ import annotations
 
@@ -141,6 +147,25 @@ def _block_inputs(model, layers, windows: torch.Tensor, batch_size: int):
     return captured
 
 
+def _to(obj, device):
+    """Tensors inside tuples, lists and dicts moved to `device` (anything else as is)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _home(block: nn.Module) -> torch.device:
+    for t in block.parameters():
+        return t.device
+    for t in block.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 def _run_block(block, inputs):
     outs = []
     for hidden, kwargs in inputs:
@@ -228,10 +253,12 @@ class CompressionReport:
 
 def compress(model: nn.Module, recipe: Recipe, calibration=None, batch_size: int = 8,
              resume_dir: str | Path | None = None, progress: bool = True, tokenizer=None, seqlen: int = 512,
-             n_windows: int = 128) -> CompressionReport:
+             n_windows: int = 128, device: str | torch.device | None = None, offload: bool = True) -> CompressionReport:
     """Compresses `model` in place under `recipe`. calibration (needed by every method except rtn and
     magnitude): token windows [n, seqlen], or text (a string or list of documents) that `tokenizer` cuts
-    into `n_windows` windows of `seqlen` tokens. Returns a report of sizes."""
+    into `n_windows` windows of `seqlen` tokens. device: where each block is calibrated and compressed
+    (None: where the model is); with offload, each finished block goes back to where it came from, so
+    `device` holds one block at a time (see the module docstring). Returns a report of sizes."""
     from .layer import HessianAccumulator
 
     if isinstance(calibration, (str, list)):
@@ -242,6 +269,11 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, batch_size: int
         docs = [calibration] if isinstance(calibration, str) else calibration
         calibration = token_windows(tokenizer, docs, seqlen, n_windows)
 
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device: expected a torch device such as 'cuda:0' or 'cpu', got {device!r}") from None
     if recipe.needs_calibration and calibration is None:
         raise ValueError(f"calibration: method {recipe.method!r} needs calibration windows [n, seqlen]")
     layers = decoder_layers(model)
@@ -259,6 +291,8 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, batch_size: int
                 inputs = torch.load(resume / "hidden.pt", weights_only=False)
             else:
                 inputs = _block_inputs(model, layers, calibration, batch_size)
+            if device is not None:
+                inputs = _to(inputs, device)
     prefix = _layers_prefix(model, layers)
     bar = tqdm(range(len(layers)), desc=f"compress ({recipe.describe()})", disable=not progress)
     for i in bar:
@@ -268,13 +302,16 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, batch_size: int
         if i < done:
             _account(report, block, names, f"{prefix}{i}.")
             continue
+        home = _home(block)
+        if device is not None:
+            block.to(device)
         with torch.no_grad():
             stages = _stages(block, names, inputs) if (inputs and recipe.true_sequential) else [names]
             for stage in stages:
                 linears = {n: _as_linear(block.get_submodule(n)) for n in stage}
                 stats = {}
                 if inputs:
-                    stats = {n: HessianAccumulator(linears[n].in_features) for n in stage}
+                    stats = {n: HessianAccumulator(linears[n].in_features, device=device) for n in stage}
                     hooks = [block.get_submodule(n).register_forward_pre_hook(
                         lambda m, args, n=n: stats[n].add(args[0].detach().float()) and None) for n in stage]
                     try:
@@ -288,6 +325,8 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, batch_size: int
                     _install(block, n, linears[n], result, recipe)
             if inputs:
                 inputs = [(out, kw) for out, (_, kw) in zip(_run_block(block, inputs), inputs)]
+        if device is not None and offload:
+            block.to(home)
         _account(report, block, names, f"{prefix}{i}.")
         _save_resume(block, i, recipe, inputs, resume)
     report.seconds = time.time() - start

@@ -42,12 +42,20 @@ def cloze_examples(tokenizer, docs: list[str], n: int = 100, max_words: int = 80
 
 
 @torch.no_grad()
-def cloze_accuracy(model, examples: list[ClozeExample], prompt=None, progress: bool = False) -> float:
-    """Fraction of examples whose target word the model predicts greedily, token by token."""
+def cloze_accuracy(model, examples: list[ClozeExample], prompt=None, progress: bool = False,
+                   shard: bool | None = None) -> float:
+    """Fraction of examples whose target word the model predicts greedily, token by token.
+
+    Under torch.distributed (shard=None: whenever a process group of several ranks is up; every rank
+    must call it with the same examples), example i runs on rank i % world_size and the hit counts
+    are summed across ranks (exact)."""
+    from .. import distributed
+
     if not examples:
         raise ValueError("examples: no cloze examples (passages too short?)")
+    ranks = distributed.world_size() if shard or shard is None else 1
     hits = 0
-    for ex in tqdm(examples, desc="cloze", disable=not progress):
+    for ex in tqdm(examples[distributed.rank() % ranks::ranks], desc="cloze", disable=not progress):
         ids = torch.cat([ex.context, ex.target])[None]
         if prompt is None:
             logits, n_prefix = model(input_ids=ids, use_cache=False).logits, 0
@@ -56,4 +64,6 @@ def cloze_accuracy(model, examples: list[ClozeExample], prompt=None, progress: b
         start = n_prefix + len(ex.context) - 1  # the logit that predicts the first target token
         pred = logits[0, start:start + len(ex.target)].argmax(-1)
         hits += bool(torch.equal(pred, ex.target))
+    if ranks > 1:
+        hits = int(distributed.all_reduce_sum(torch.tensor([hits], dtype=torch.long), "all_reduce of the cloze hits"))
     return hits / len(examples)

@@ -12,6 +12,12 @@ With `out_dir`, the run keeps:
     out_dir/result.json   the TuneResult (best / test loss and perplexity, history)
 Every file is written atomically.
 
+Data parallel (under torchrun, see ctp_fast.distributed): `batch_size` is the global micro-batch; each
+rank runs its contiguous shard of it and the prompt gradients are summed across ranks, weighted so that
+the step equals the one-process step (the loss is a mean over the scored tokens of the whole global
+micro-batch). The checkpoint holds the global data position, so a run resumes on any number of ranks.
+Only rank 0 writes files; every rank returns the same result.
+
 Learning rates. AdamW (default) moves every element by about `lr` per step whatever the gradient's
 scale; the default 3e-2 is what PEFT's causal-LM prompt-tuning examples use, and it was the best of
 3e-3 / 1e-2 / 3e-2 in a short check here (SmolLM2-135M, int4 per-channel RTN, 24 steps of 2x64-token
@@ -32,10 +38,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..eval.perplexity import NLL, perplexity
 from ..fileio import atomic_path, write_json
 from .io import save_prompt
-from .soft_prompt import MAX_TOKENS, VOCAB_INIT_RANGE, SoftPrompt, _check_n_tokens, _embed, prompted_forward
+from .soft_prompt import (MAX_TOKENS, VOCAB_INIT_RANGE, SoftPrompt, _check_n_tokens, _embed, prompted_forward,
+                          scored_targets)
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +242,17 @@ class _Order:
         return torch.stack([self.perm(g // self.n)[g % self.n] for g in range(pos, pos + k)])
 
 
+def _token_share(ids: torch.Tensor, step: int) -> float:
+    """This rank's scored tokens over those of the whole global micro-batch (1.0 with one process), so
+    that summing `loss * share` over ranks gives the mean over the global micro-batch."""
+    if distributed.world_size() == 1:
+        return 1.0
+    local = int((scored_targets(0, ids) != -100).sum())
+    total = int(distributed.all_reduce_sum(torch.tensor([local], dtype=torch.long),
+                                           f"all_reduce of the token count (step {step + 1})"))
+    return local / total
+
+
 def _write_state(path: Path, state: dict) -> None:
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
@@ -291,6 +310,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
     config = config or TuneConfig()
     train_windows = _check_windows("train_windows", train_windows)
     val_windows = _check_windows("val_windows", val_windows, required=False)
+    distributed.check_batch(config.batch_size)
     test_windows = _check_windows("test_windows", test_windows, required=False)
     out = Path(out_dir) if out_dir is not None else None
     save_every = config.save_every or config.eval_every
@@ -316,9 +336,16 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
         best = {"step": 0, "loss": None, "embeddings": prompt.embeddings.detach().clone()}
         init_val = None
 
+        if distributed.broadcast_object(fingerprint, "check of the training windows") != fingerprint:
+            raise ValueError(f"train_windows: rank {distributed.rank()} holds other training windows than rank 0 "
+                             f"(shape {fingerprint[0]}); every rank must load the same data")
         state_path = out / STATE_NAME if out is not None else None
-        if resume and state_path is not None and state_path.exists():
-            state = torch.load(state_path, map_location="cpu", weights_only=True)
+        state = None
+        if resume and state_path is not None:  # rank 0 reads (other machines may not share its disk)
+            state = distributed.broadcast_object(
+                torch.load(state_path, map_location="cpu", weights_only=True)
+                if distributed.is_main() and state_path.exists() else None, "broadcast of the resume state")
+        if state is not None:
             _check_resume(state, config, fingerprint, state_path)
             with torch.no_grad():
                 prompt.embeddings.copy_(state["prompt"])
@@ -329,11 +356,15 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
             best = {"step": state["best"]["step"], "loss": state["best"]["loss"],
                     "embeddings": state["best"]["embeddings"].to(device)}
             elapsed_before = state.get("seconds", 0.0)
-            log.info("resuming %s at step %d of %d", state_path, step, config.steps)
+            log.info("resuming %s at step %d of %d (saved with %s rank(s), now %d)", state_path, step, config.steps,
+                     state.get("world_size", 1), distributed.world_size())
         elif resume:
             log.info("resume: no checkpoint in %s, starting afresh", out)
-        elif state_path is not None and state_path.exists():
+        elif state_path is not None and state_path.exists() and distributed.is_main():
             log.warning("%s exists and resume=False: starting afresh (it will be overwritten)", state_path)
+        distributed.broadcast(prompt.embeddings.data, "broadcast of the initial prompt")  # ranks start equal
+        writes = out is not None and distributed.is_main()
+        progress = progress and distributed.is_main()
 
         def meta_for(val_loss):
             m = dict(metadata or {})
@@ -344,7 +375,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
             return m
 
         def save_best(extra=None):
-            if out is None:
+            if not writes:
                 return
             p = SoftPrompt(best["embeddings"], prompt.init, prompt.init_text)
             save_prompt(out / "best", p, model=model, metadata={**meta_for(best["loss"]), **(extra or {})})
@@ -359,7 +390,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
             return nll.loss
 
         def checkpoint():
-            if state_path is None:
+            if not writes:
                 return
             _write_state(state_path, {
                 "version": STATE_VERSION, "config": config.to_dict(), "fingerprint": fingerprint,
@@ -367,7 +398,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "rng": torch.get_rng_state(), "history": history, "init_val_loss": init_val,
                 "best": {"step": best["step"], "loss": best["loss"], "embeddings": best["embeddings"].cpu().clone()},
-                "seconds": elapsed_before + time.perf_counter() - started})
+                "seconds": elapsed_before + time.perf_counter() - started, "world_size": distributed.world_size()})
 
         if step == 0 and val_windows is not None and not history["val"]:
             init_val = validate(0)
@@ -378,15 +409,20 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
             for _ in range(config.grad_accum):
-                ids = train_windows[order.take(pos, config.batch_size)].to(device)
+                ids = distributed.shard(train_windows[order.take(pos, config.batch_size)]).to(device)
                 pos += config.batch_size
+                share = _token_share(ids, step)  # this rank's fraction of the micro-batch's scored tokens
                 with _autocast(model, config.dtype):
                     loss = prompted_forward(model, prompt, ids, shared_prefix=config.shared_prefix).loss
                 if not torch.isfinite(loss.detach()):
                     raise FloatingPointError(f"step {step + 1}: training loss is {float(loss)} "
                                              f"(lr {config.resolved_lr} too high?)")
-                (loss / config.grad_accum).backward()
-                loss_sum += float(loss.detach()) / config.grad_accum
+                (loss * share / config.grad_accum).backward()
+                loss_sum += float(loss.detach()) * share / config.grad_accum
+            if distributed.world_size() > 1:
+                distributed.all_reduce_sum(prompt.embeddings.grad, f"all_reduce of the prompt gradients (step {step + 1})")
+                loss_sum = float(distributed.all_reduce_sum(torch.tensor([loss_sum], dtype=torch.float64),
+                                                            f"all_reduce of the training loss (step {step + 1})"))
             if config.max_grad_norm:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_([prompt.embeddings], config.max_grad_norm))
             else:
@@ -422,7 +458,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
         result = TuneResult(best_prompt, best["step"], best["loss"], init_val, test_loss, test_tokens, step,
                             elapsed_before + time.perf_counter() - started, history,
                             None if out is None else str(out))
-        if out is not None:
+        if writes:
             save_best({"test_loss": test_loss, "test_ppl": result.test_ppl, "test_tokens": test_tokens})
             write_json(out / "result.json", result.to_dict())
             plot_curves(history, out / "curves.png")
