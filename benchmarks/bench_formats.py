@@ -3,7 +3,8 @@
 For shapes (N, K) and M in {1, 512}: forward (and grad_input at M=512) of dense int4, 2:4 int4,
 unstructured int4 at 50 / 75 / 90 % sparsity, dense int8 and int3, each cycling over enough copies of
 its weight to exceed 4x the last-level cache. Prints ms, speed relative to dense int4, and bytes per
-weight; writes JSON and a PNG; checks issue 3's targets (reported, never asserted).
+weight; writes JSON, a Markdown table (with the machine's load average before and after) and a PNG;
+checks issue 3's targets (reported, never asserted).
 
     python benchmarks/bench_formats.py [--quick] [--shapes 4096x4096,11008x4096] [--ms 1,512]
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +65,7 @@ def main(argv=None) -> int:
     ms = [int(m) for m in args.ms.split(",")]
     llc, _ = llc_bytes()
     rows = []
+    load_before = os.getloadavg()
     print(f"ISA {get_isa()}, {torch.get_num_threads()} threads, weights cycled over > 4x the {llc >> 20} MiB LLC")
     print(f"{'shape':>11} {'M':>4} {'op':>4} {'format':>9} {'B/weight':>9} {'ms':>9} {'vs int4':>8}")
     for n, k in shapes:
@@ -81,16 +84,45 @@ def main(argv=None) -> int:
                     rows.append(row)
                     print(f"{row['shape']:>11} {m:4d} {op:>4} {f:>9} {row['bytes_per_weight']:9.3f} {row['ms']:9.3f} "
                           f"{row['speedup_vs_int4']:7.2f}x")
+    verdicts = target_lines(rows)
     print("\ntargets (speed-up over dense int4; reported, not asserted)")
+    print("\n".join(verdicts))
+    meta = {"isa": get_isa(), "threads": torch.get_num_threads(), "load_before": load_before,
+            "load_after": os.getloadavg(), "reps": args.reps, "budget_s": args.budget}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, meta))
+    plot(rows, out.with_suffix(".png"))
+    return 0
+
+
+def target_lines(rows) -> list[str]:
+    lines = []
     for f, m, op, need in TARGETS:
         for r in (r for r in rows if r["format"] == f and r["M"] == m and r["op"] == op):
             verdict = "PASS" if r["speedup_vs_int4"] >= need else "MISS"
-            print(f"  {verdict}  {r['shape']:>11} M={m:<4} {f:9} >= {need:.2f}x: {r['speedup_vs_int4']:.2f}x")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
-    plot(rows, out.with_suffix(".png"))
-    return 0
+            lines.append(f"  {verdict}  {r['shape']:>11} M={m:<4} {f:9} >= {need:.2f}x: {r['speedup_vs_int4']:.2f}x")
+    return lines
+
+
+def markdown(rows, meta) -> str:
+    """The results as a Markdown table: one row per (shape, M, op), per format ms and speed-up over int4."""
+    fmts = list(FORMATS)
+    la, lb = meta["load_before"], meta["load_after"]
+    out = [f"# bench_formats: packed formats vs dense int4 (same process, round-robin medians)", "",
+           f"ISA {meta['isa']}, {meta['threads']} threads, {meta['reps']} samples per cell; load average "
+           f"(1/5/15 min) before {la[0]:.2f}/{la[1]:.2f}/{la[2]:.2f}, after {lb[0]:.2f}/{lb[1]:.2f}/{lb[2]:.2f} "
+           f"on {os.cpu_count()} CPUs.", "",
+           "Bytes per weight: " + ", ".join(f"{f} {next(r['bytes_per_weight'] for r in rows if r['format'] == f):.3f}"
+                                             for f in fmts), "",
+           "| shape | M | op | " + " | ".join(fmts) + " |", "|---|---|---|" + "---|" * len(fmts)]
+    for cell in dict.fromkeys((r["shape"], r["M"], r["op"]) for r in rows):
+        got = {r["format"]: r for r in rows if (r["shape"], r["M"], r["op"]) == cell}
+        out.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | " +
+                   " | ".join(f"{got[f]['ms']:.3f} ms ({got[f]['speedup_vs_int4']:.2f}x)" for f in fmts) + " |")
+    out += ["", "Targets (speed-up over dense int4):", "", "```", *target_lines(rows), "```", ""]
+    return "\n".join(out)
 
 
 def plot(rows, path: Path) -> None:

@@ -71,9 +71,10 @@ def shell_from_entry(entry: dict, bias: bool) -> CompressedLinear:
     """A CompressedLinear with empty tensors of the recorded shapes, to be filled by a state-dict load."""
     if entry.get("format") not in _REGISTRY:
         raise ValueError(f"quantization_config: unknown weight format {entry.get('format')!r}")
-    if entry.get("version") != FORMAT_VERSION:
-        raise ValueError(f"quantization_config: format version {entry.get('version')!r} is not supported "
-                         f"(this ctp_fast reads {FORMAT_VERSION})")
+    want = _REGISTRY[entry["format"]].VERSION
+    if entry.get("version") != want:
+        raise ValueError(f"quantization_config: {entry['format']} format version {entry.get('version')!r} is not "
+                         f"supported (this ctp_fast reads {want})")
     tensors = {k: torch.empty(shape, dtype=getattr(torch, dtype)) for k, (shape, dtype) in entry["tensors"].items()}
     cls = _REGISTRY[entry["format"]]
     packed = cls(zeros=tensors.pop("zeros", None), perm=tensors.pop("perm", None),

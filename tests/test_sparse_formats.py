@@ -72,7 +72,7 @@ def test_sparse24_kernels(isa, shape, g, sym):
     check_kernels(pw, ms=(1, 2, 5, 64, 129))
 
 
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.75, 0.95])
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.75, 0.9, 0.95])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("g", [32, 128, -1])
 def test_unstructured_kernels(isa, shape, g, sparsity):
@@ -80,7 +80,39 @@ def test_unstructured_kernels(isa, shape, g, sparsity):
     pw, w, mask = make(UnstructuredWeight, n, k, g, sym=(g != 32), sparsity=sparsity)
     assert torch.equal(pw.mask(), mask)
     assert ((pw.unpack() != 0) <= mask).all()
-    check_kernels(pw, ms=(1, 3, 64))
+    check_kernels(pw, ms=(1, 2, 4, 5, 64))
+    if n > 3:  # an all-zero row gives exactly 0 (+ bias), whatever the activations
+        x = torch.randn(3, k) * 100
+        assert torch.equal(packed_linear(x, pw)[:, 1], torch.zeros(3))
+
+
+@pytest.mark.parametrize("sym", [True, False], ids=["sym", "asym"])
+def test_unstructured_act_order_kernels(isa, sym):
+    torch.manual_seed(5)
+    n, k = 72, 200
+    w, mask = torch.randn(n, k), random_mask(n, k, 0.6, seed=5)
+    pw = UnstructuredWeight.pack(w, group_size=64, symmetric=sym, mask=mask, perm=torch.randperm(k))
+    assert torch.equal(pw.unpack() != 0, (pw.unpack() != 0) & mask)
+    check_kernels(pw, ms=(1, 3, 7))
+
+
+def test_unstructured_codes_and_mask_keep_their_meaning():
+    """codes() and mask() are row-major [N, K] whatever the byte layout (the CUDA layouts are built from them)."""
+    from ctp_fast.formats.base import quantize
+    w, mask = torch.randn(70, 96), random_mask(70, 96, 0.5, seed=2)
+    for sym in (True, False):
+        pw = UnstructuredWeight.pack(w, group_size=32, symmetric=sym, mask=mask)
+        codes, _, zeros = quantize(w, 4, 32, sym, mask, torch.float16)
+        assert torch.equal(pw.mask(), mask)
+        assert torch.equal(pw.codes(), codes.to(torch.int16))  # pruned entries hold the zero point
+
+
+def test_unstructured_old_layout_version_is_refused():
+    pw, _, _ = make(UnstructuredWeight, 64, 64, 32, True, 0.5)
+    st = pw.state_dict()
+    assert st["config"]["version"] == UnstructuredWeight.VERSION == 2
+    with pytest.raises(ValueError, match="unstructured format version 1 is not supported .*reads version 2"):
+        PackedWeight.from_state_dict(dict(st, config={**st["config"], "version": 1}))
 
 
 @pytest.mark.parametrize("bits", [3, 8])
@@ -182,9 +214,24 @@ def test_op_refuses_inconsistent_unstructured_tensors():
         torch.ops.ctp_fast.packed_linear(x, *args, None, *pw.kernel_ints())
 
 
+@pytest.mark.parametrize("m", [1, 9])
+def test_kernels_report_masks_that_disagree_with_offsets(m):
+    """offsets ascending and inside the stream (the cheap checks pass) but a column's mask changed: the
+    kernel, which counts the codes anyway, reports it instead of computing with shifted codes."""
+    pw, _, _ = make(UnstructuredWeight, 64, 96, 32, True, 0.5)
+    masks = pw.masks.clone()
+    masks[0, 5] = 0  # block 0 keeps nothing in column 5: the codes of columns 6.. no longer line up
+    args = list(pw.kernel_args())
+    args[4] = masks
+    with pytest.raises(RuntimeError, match=r"offsets: entry \[0, 1\] is \d+ but the masks before it hold"):
+        torch.ops.ctp_fast.packed_linear(torch.randn(m, 96), *args, None, *pw.kernel_ints())
+    with pytest.raises(RuntimeError, match=r"offsets: entry \[0, 1\]"):
+        torch.ops.ctp_fast.packed_linear_grad_input(torch.randn(m, 64), *args, *pw.kernel_ints())
+
+
 def test_fully_pruned_weight_gives_zero_output():
     pw = UnstructuredWeight.pack(torch.randn(40, 32), mask=torch.zeros(40, 32, dtype=torch.bool))
-    assert pw.qweight.numel() == 0
+    assert pw.qweight.numel() == 8  # no codes, the 8 spare bytes only
     assert torch.equal(packed_linear(torch.randn(3, 32), pw), torch.zeros(3, 40))
 
 

@@ -11,9 +11,11 @@
 //                   row (slot 0, slot 1) as two 16-byte nibble columns like dense 4-bit, then 16 bytes
 //                   of 2-bit positions: byte i = pos(i, slot0) | pos(i, slot1) << 2 |
 //                   pos(16+i, slot0) << 4 | pos(16+i, slot1) << 6. Unused slots hold code = zero point.
-//   unstructured    masks[b*K + k] bit i: row 32b+i kept. codes: one nibble stream (nibble t in byte
-//                   t/2, low nibble first) of the kept codes, block by block, column by column, rows
-//                   ascending; offsets[b*ceil(K/32) + c] = nibble index where column 32c of block b starts.
+//   unstructured    (version 2) rows in nibble order: p = 2j is row 32b+j, p = 2j+1 row 32b+16+j (the
+//                   nibbles of the dense 4-bit column). masks[b*K + k] bit p: that row kept. codes: per
+//                   block, column and half (nibbles 0..15, 16..31) the kept codes XOR their zero point,
+//                   in nibble order, two per byte (low first), each half padded to a byte; then 8 spare
+//                   bytes. offsets[b*ceil(K/32) + c] = byte where column 32c of block b starts.
 //
 // scales [blocks][G][32] (fp32, fp16 or bf16) and zeros [blocks][G][32] uint8 (null: symmetric, zero
 // point 2^(bits-1)). A stored weight is (q - zero) * scale, 0 where pruned; group g = k / group_size.
@@ -28,6 +30,13 @@ enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
 enum class ScaleType : int { f32 = 0, f16 = 1, bf16 = 2 };
 enum class Layout : int { dense = 0, sparse24 = 1, unstructured = 2 };
 
+// Set by a kernel that found an unstructured weight's masks and offsets disagreeing (first finder wins).
+struct KernelError {
+  int set = 0;
+  int64_t block = 0, chunk = 0;  // offsets entry [block, chunk] (chunk == nchunks: the block's end)
+  int64_t offset = 0, found = 0;  // where that entry says the codes start, where the masks say
+};
+
 struct QView {
   Layout layout;
   int bits;                // 3, 4 or 8 for dense; 4 for the sparse layouts
@@ -39,6 +48,10 @@ struct QView {
   const int64_t* perm;     // null: identity
   int64_t N, K, group_size;
   ScaleType scale_type;
+  // unstructured only: bytes in codes (reads are kept inside), and where to report masks and offsets
+  // that disagree (ignored when null; the kernels then just stay inside the stream)
+  int64_t codes_bytes = 0;
+  KernelError* error = nullptr;
   int64_t nblocks() const { return (N + 31) / 32; }
   int64_t ngroups() const { return (K + group_size - 1) / group_size; }
   int64_t nchunks() const { return (K + 31) / 32; }
@@ -52,6 +65,11 @@ void run_serial(int64_t n, void* ctx, TaskFn body);
 // Checks the sizes a layout needs (bits, K % 4 for 2:4, group size a multiple of 4 ...). Returns null
 // when w is usable, else a message naming the constraint.
 const char* check_view(const QView& w);
+
+// Unstructured weights, a full check that masks, offsets and codes (w.codes_bytes) agree, O(N K / 32).
+// The bindings check only what is cheap (offsets inside the stream, ascending) and let the kernels, which
+// count the codes anyway, report a disagreement through w.error. Null when fine, else a message.
+const char* check_unstructured(const QView& w);
 
 // y[M, N] = x[M, K] W^T (+ bias[N]); x, y fp32 row-major and contiguous.
 void linear(Isa isa, const QView& w, const float* x, int64_t M, const float* bias, float* y,
@@ -71,6 +89,7 @@ bool isa_from_name(const char* name, Isa* out);
   namespace NS {                                                                                   \
   void linear(const QView& w, const float* x, int64_t M, const float* bias, float* y, ParallelFn par); \
   void linear_grad_input(const QView& w, const float* gy, int64_t M, float* gx, ParallelFn par);   \
+  const char* check_unstructured(const QView& w);                                                  \
   }
 CTP_DECLARE_ISA(scalar)
 CTP_DECLARE_ISA(avx2)

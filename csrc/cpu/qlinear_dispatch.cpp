@@ -14,10 +14,10 @@ bool isa_supported(Isa isa) {
     case Isa::scalar: return true;
     case Isa::avx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-             __builtin_cpu_supports("f16c");
+             __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-             __builtin_cpu_supports("avx512vl");
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
   }
   return false;
 }
@@ -67,6 +67,14 @@ const char* check_view(const QView& w) {
       return nullptr;
   }
   return "unknown layout";
+}
+
+const char* check_unstructured(const QView& w) {
+  switch (best_isa()) {
+    case Isa::avx512: return avx512::check_unstructured(w);
+    case Isa::avx2: return avx2::check_unstructured(w);
+    default: return scalar::check_unstructured(w);
+  }
 }
 
 void linear(Isa isa, const QView& w, const float* x, int64_t M, const float* bias, float* y, ParallelFn par) {

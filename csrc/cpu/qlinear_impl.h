@@ -7,12 +7,14 @@
 // Every layout is read through a column decoder (DenseDec, Sparse24Dec, UnstructuredDec): begin at
 // block b, column k0, then next() yields the dequantized values of the block's 32 rows for one column
 // after another. On top of the decoders:
-//  * small M, dense 4-bit (gemv4): one pass over the packed weight, codes widened in registers,
-//    the scale applied once per group: y += s * (sum(q x) - z * sum(x)).
+//  * small M, dense 4-bit and unstructured (gemv4): one pass over the packed weight, codes widened in
+//    registers, the scale applied once per group: y += s * (sum(q x) - z * sum(x)) for dense; an
+//    unstructured column is first rebuilt as a dense column of code - zero (UnstructuredCols), y += s * sum(d x).
 //  * small M, 2:4 (gemv24): the kept codes meet x through an in-register permute of each quad of x.
 //  * small M, other layouts (gemv_dec): decoder values times broadcast x.
 //  * larger M (gemm_*): a cache-sized tile of W is dequantized into contiguous panels (KC x 128
 //    forward, NCT x KT transposed for grad_input) and fed to a register-blocked FMA micro-kernel.
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 
@@ -32,6 +34,9 @@ constexpr int64_t KC = 256;       // forward tile depth (along K)
 constexpr int64_t FWD_BLOCKS = 4; // forward tile width in 32-row blocks
 constexpr int64_t NCT = 256;      // grad_input tile depth (along N)
 constexpr int64_t KT = 128;       // grad_input tile width (along K)
+
+// Hot helpers the compiler must inline (a call in the column loop spills every accumulator).
+#define CTP_INLINE inline __attribute__((always_inline))
 
 static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -71,11 +76,20 @@ struct GroupState {
 };
 
 // Codes of one 16-byte nibble column (32 rows), as floats.
-static inline void decode4(const uint8_t* p, F* d) {
+static CTP_INLINE void decode4(const uint8_t* p, F* d) {
   for (int c = 0; c < C; ++c) {
     I iv = V::load_u8(p + c * W);
     d[c] = V::low_nibble(iv);
     d[C + c] = V::high_nibble(iv);
+  }
+}
+
+// The same column holding signed 4-bit values (two's complement nibbles), as floats.
+static CTP_INLINE void decode4_signed(const uint8_t* p, F* d) {
+  for (int c = 0; c < C; ++c) {
+    I iv = V::load_s8(p + c * W);  // lo | hi << 4, sign-extended from the high nibble
+    d[c] = V::byte_float(V::sra(V::sll(iv, 28), 28));
+    d[C + c] = V::byte_float(V::sra(iv, 4));
   }
 }
 
@@ -112,6 +126,7 @@ struct DenseDec {
     p += BYTES;
     for (int v = 0; v < NV; ++v) out[v] = gs.value(v, d[v]);
   }
+  void end(const QView&) {}
 };
 
 // One slot of a 2:4 quad (48 bytes at p): the rows' codes as floats, and their positions, one int
@@ -157,30 +172,150 @@ struct Sparse24Dec {
     for (int v = 0; v < NV; ++v) out[v] = quad[k % 4][v];
     ++k;
   }
+  void end(const QView&) {}
+};
+
+// ---------------------------------------------------------------- column sources for the small-M kernel
+// Dense: d[c] = whole byte (lo + 16 hi), d[C + c] = hi; sum(lo x) = sum(byte x) - 16 sum(hi x) is
+// recovered once per group, saving a mask per vector.
+static inline void decode_bytes(const uint8_t* p, F* d) {
+  for (int c = 0; c < C; ++c) {
+    I iv = V::load_u8(p + c * W);
+    d[c] = V::byte_float(iv);
+    d[C + c] = V::high_nibble(iv);
+  }
+}
+
+// One 32-row column of an unstructured weight, turned back into the dense 4-bit column (16 bytes, row j
+// low nibble of byte j, row 16 + j high): per half (8 bytes = 16 nibbles, mask bits in the same nibble
+// order) a PDEP spreads the kept codes over the nibbles of the kept rows, and an XOR with the zero points
+// restores the codes (stored as code ^ zero) and sets every pruned row to its zero point, which the
+// dense arithmetic turns into exactly 0. Cost per column is fixed (two PDEPs on the integer ports), not
+// per kept weight. PDEP is microcoded on AMD Zen 1/2 (slow there, still correct).
+// One 32-row column of an unstructured weight, turned back into a dense 4-bit column (16 bytes, row j
+// in the low nibble of byte j, row 16 + j in the high one): per half (8 bytes = 16 nibbles, mask bits in
+// the same nibble order) a PDEP spreads the kept entries over the nibbles of the kept rows; pruned rows
+// get nibble 0. An entry is stored as code ^ zero point, so
+//  * symmetric (zero point 8): the nibble is the two's complement 4-bit value code - 8;
+//  * asymmetric: XOR with the zero points gives the code back, and zero point for a pruned row.
+// Either way a pruned weight decodes to exactly (zero - zero) = 0, and every product is rounded once (no
+// sum(q x) - z sum(x) cancellation, which would leave rounding noise on sparse or pruned rows).
+// Cost per column is fixed (two PDEPs on the integer ports). PDEP is microcoded on AMD Zen 1/2.
+// Reports masks that disagree with offsets entry `entry` (first report wins). Out of line: never hot.
+__attribute__((noinline, cold)) static void report_disagreement(const QView& w, int64_t entry, int64_t want,
+                                                                 int64_t found) {
+  if (w.error && __atomic_exchange_n(&w.error->set, 1, __ATOMIC_RELAXED) == 0) {
+    w.error->block = entry / w.nchunks();
+    w.error->chunk = entry % w.nchunks();
+    w.error->offset = want;
+    w.error->found = found;
+  }
+}
+
+template <bool ASYM>
+struct UnstructuredCols {
+  static constexpr bool CENTERED = true;  // decode() yields code - zero, not the code
+  // Plain values only (no member's address is ever taken), so that the compiler keeps them in registers.
+  const uint8_t* p;      // start of the next half-column
+  const uint8_t* last;   // the last position an 8-byte load may start at
+  const uint32_t* masks;
+  const int64_t* offs;   // this block's offsets entries
+  int64_t b, g, entries, k_next;  // entries: offsets entries from this block's first to the last one
+  bool over;             // a read would have left the stream (masks disagree with offsets)
+  uint64_t z0, z1;       // asymmetric: zero points of the current group, dense nibble layout
+  void begin(const QView& w, int64_t b_, int64_t k0) {
+    b = b_;
+    g = -1;
+    z0 = z1 = 0;
+    over = false;
+    masks = w.masks + b * w.K;
+    offs = w.offsets + b * w.nchunks();
+    entries = (w.nblocks() - b) * w.nchunks();
+    last = w.codes + (w.codes_bytes - 8);
+    p = w.codes + offs[k0 / 32];
+    for (int64_t kk = k0 / 32 * 32; kk < k0; ++kk) p += half_bytes(masks[kk]) + half_bytes(masks[kk] >> 16);
+    k_next = k0;
+  }
+  static int half_bytes(uint32_t m) { return (__builtin_popcount(m & 0xFFFF) + 1) >> 1; }
+  // Where the masks brought us must be where offsets say column k (a multiple of 32, or K) starts; on a
+  // disagreement report it and go on from offsets, so that reads stay inside the stream.
+  CTP_INLINE void sync(const QView& w, int64_t k) {
+    const int64_t e = k < w.K ? k / 32 : w.nchunks();
+    const int64_t found = p - w.codes, want = e < entries ? offs[e] : found;
+    if (__builtin_expect(found != want || p > last || over, 0)) {
+      report_disagreement(w, b * w.nchunks() + e, want, found);
+      p = w.codes + want;
+      over = false;
+    }
+  }
+  // After the last column decoded, check the position against the next offsets entry.
+  void end(const QView& w) {
+    if (k_next % 32 == 0 || k_next == w.K) sync(w, k_next);
+  }
+  // The dense column k (call for consecutive k) into col[2].
+  CTP_INLINE void at(const QView& w, int64_t k, uint64_t* col) {
+    if (ASYM && k / w.group_size != g) {
+      g = k / w.group_size;
+      const uint8_t* zr = w.zeros + (b * w.ngroups() + g) * 32;
+      uint64_t v[2] = {0, 0};
+      for (int h = 0; h < 2; ++h)
+        for (int j = 0; j < 8; ++j) v[h] |= uint64_t(zr[8 * h + j] | zr[16 + 8 * h + j] << 4) << (8 * j);
+      z0 = v[0], z1 = v[1];
+    }
+    if (k % 32 == 0) sync(w, k);
+    k_next = k + 1;
+    const uint32_t m = masks[k];
+    for (int h = 0; h < 2; ++h) {
+      if (__builtin_expect(p > last, 0)) p = last, over = true;  // masks disagree with offsets: reported at sync
+      const uint64_t mh = (m >> (16 * h)) & 0xFFFF;
+      const uint64_t nibs = V::pdep(mh, 0x1111111111111111ull) * 15;  // each kept row's nibble all ones
+      uint64_t raw;
+      std::memcpy(&raw, p, 8);  // the stream ends with 8 spare bytes
+      col[h] = V::pdep(raw, nibs) ^ (h ? z1 : z0);
+      p += half_bytes(uint32_t(mh));
+    }
+  }
+  // Column k as code - zero (gs must hold k's group).
+  template <class GS>
+  CTP_INLINE void decode(const QView& w, int64_t k, const GS& gs, F* d) {
+    alignas(16) uint64_t col[2];
+    at(w, k, col);
+    if constexpr (ASYM) {
+      decode4(reinterpret_cast<const uint8_t*>(col), d);
+      for (int v = 0; v < NV; ++v) d[v] = V::sub(d[v], gs.z[v]);
+    } else {
+      decode4_signed(reinterpret_cast<const uint8_t*>(col), d);
+    }
+  }
+};
+
+// Dense 4-bit columns for the small-M kernel: d[c] = whole byte (lo + 16 hi), d[C + c] = hi.
+struct DenseCols {
+  static constexpr bool CENTERED = false;
+  const uint8_t* base;
+  void begin(const QView& w, int64_t b, int64_t) { base = w.codes + b * w.K * 16; }
+  void end(const QView&) {}
+  template <class GS>
+  CTP_INLINE void decode(const QView&, int64_t k, const GS&, F* d) const { decode_bytes(base + k * 16, d); }
 };
 
 template <ScaleType ST, bool ASYM>
 struct UnstructuredDec {
-  int64_t b, k, nib;  // nib: nibble index of the current column's first kept code
+  UnstructuredCols<ASYM> cols;
+  int64_t b, k;
   GroupState<ST, ASYM> gs;
   void begin(const QView& w, int64_t b_, int64_t k0) {
     b = b_;
     k = k0;
-    nib = w.offsets[b * w.nchunks() + k0 / 32];
-    for (int64_t kk = k0 / 32 * 32; kk < k0; ++kk) nib += __builtin_popcount(w.masks[b * w.K + kk]);
+    cols.begin(w, b, k0);
   }
   void next(const QView& w, F* out) {
     gs.at(w, b, k);
-    alignas(64) uint8_t q[32] = {0}, kept[32] = {0};
-    for (uint32_t m = w.masks[b * w.K + k]; m; m &= m - 1, ++nib) {
-      const int i = __builtin_ctz(m);
-      q[i] = (w.codes[nib >> 1] >> ((nib & 1) * 4)) & 15;
-      kept[i] = 1;
-    }
-    ++k;
-    for (int v = 0; v < NV; ++v)
-      out[v] = V::mul(gs.value(v, V::load_u8_float(q + v * W)), V::load_u8_float(kept + v * W));
+    F d[NV];
+    cols.decode(w, k++, gs, d);
+    for (int v = 0; v < NV; ++v) out[v] = V::mul(d[v], gs.s[v]);
   }
+  void end(const QView& w) { cols.end(w); }
 };
 
 // Writes the 32 lanes of a block row to out[n], n < N only, adding bias.
@@ -200,25 +335,17 @@ struct GemvCtx {
   int64_t M;
 };
 
-// ---------------------------------------------------------------- small M, dense 4-bit
-// Cheaper decode: d[c] = whole byte (lo + 16 hi), d[C + c] = hi; sum(lo x) = sum(byte x) - 16 sum(hi x)
-// is recovered once per group, saving a mask per vector.
-static inline void decode_bytes(const uint8_t* p, F* d) {
-  for (int c = 0; c < C; ++c) {
-    I iv = V::load_u8(p + c * W);
-    d[c] = V::byte_float(iv);
-    d[C + c] = V::high_nibble(iv);
-  }
-}
+// ---------------------------------------------------------------- small M, dense 4-bit and unstructured
 
-template <int MRT, ScaleType ST, bool ASYM>
+template <class Cols, int MRT, ScaleType ST, bool ASYM>
 static void gemv4_block(const QView& w, int64_t b, const float* x, const float* xsum, int64_t m0,
                         const float* bias, float* y) {
   // Independent accumulator sets so that FMA latency is hidden when MRT * NV is small.
   constexpr int KU = (NV * MRT >= 8) ? 1 : 8 / (NV * MRT);
   const int64_t K = w.K, G = w.ngroups(), gsz = w.group_size;
-  const uint8_t* qb = w.codes + b * K * 16;
-  GroupState<ST, ASYM> gs;
+  Cols cols;
+  cols.begin(w, b, 0);
+  GroupState<ST, ASYM> gs;  // a centered source reads the group's zero points while decoding
   F yacc[MRT][NV];
   for (int r = 0; r < MRT; ++r)
     for (int v = 0; v < NV; ++v) yacc[r][v] = V::zero();
@@ -228,11 +355,12 @@ static void gemv4_block(const QView& w, int64_t b, const float* x, const float* 
     for (int u = 0; u < KU; ++u)
       for (int r = 0; r < MRT; ++r)
         for (int v = 0; v < NV; ++v) acc[u][r][v] = V::zero();
+    gs.at(w, b, k0);
     int64_t k = k0;
     for (; k + KU <= k1; k += KU) {
       for (int u = 0; u < KU; ++u) {
         F d[NV];
-        decode_bytes(qb + (k + u) * 16, d);
+        cols.decode(w, k + u, gs, d);
         for (int r = 0; r < MRT; ++r) {
           F xb = V::bcast(x[(m0 + r) * K + k + u]);
           for (int v = 0; v < NV; ++v) acc[u][r][v] = V::fma(d[v], xb, acc[u][r][v]);
@@ -241,35 +369,39 @@ static void gemv4_block(const QView& w, int64_t b, const float* x, const float* 
     }
     for (; k < k1; ++k) {
       F d[NV];
-      decode_bytes(qb + k * 16, d);
+      cols.decode(w, k, gs, d);
       for (int r = 0; r < MRT; ++r) {
         F xb = V::bcast(x[(m0 + r) * K + k]);
         for (int v = 0; v < NV; ++v) acc[0][r][v] = V::fma(d[v], xb, acc[0][r][v]);
       }
     }
-    gs.at(w, b, k0);
     for (int r = 0; r < MRT; ++r) {
-      F xs = V::bcast(xsum[(m0 + r) * G + g]);
       F a[NV];
       for (int v = 0; v < NV; ++v) {
         a[v] = acc[0][r][v];
         for (int u = 1; u < KU; ++u) a[v] = V::add(a[v], acc[u][r][v]);
       }
-      for (int c = 0; c < C; ++c) a[c] = V::fma(V::bcast(-16.f), a[C + c], a[c]);  // lo = byte - 16 hi
-      for (int v = 0; v < NV; ++v) yacc[r][v] = V::fma(gs.s[v], V::sub(a[v], V::mul(gs.z[v], xs)), yacc[r][v]);
+      if constexpr (Cols::CENTERED) {
+        for (int v = 0; v < NV; ++v) yacc[r][v] = V::fma(gs.s[v], a[v], yacc[r][v]);
+      } else {
+        F xs = V::bcast(xsum[(m0 + r) * G + g]);
+        for (int c = 0; c < C; ++c) a[c] = V::fma(V::bcast(-16.f), a[C + c], a[c]);  // lo = byte - 16 hi
+        for (int v = 0; v < NV; ++v) yacc[r][v] = V::fma(gs.s[v], V::sub(a[v], V::mul(gs.z[v], xs)), yacc[r][v]);
+      }
     }
   }
+  cols.end(w);
   for (int r = 0; r < MRT; ++r) store_block(yacc[r], b * 32, w.N, bias, y + (m0 + r) * w.N);
 }
 
-template <ScaleType ST, bool ASYM>
+template <class Cols, ScaleType ST, bool ASYM>
 static void gemv4_task(void* p, int64_t begin, int64_t end) {
   const GemvCtx& c = *static_cast<const GemvCtx*>(p);
   constexpr int MR = V::GEMV_MR;
   for (int64_t b = begin; b < end; ++b) {
     int64_t m = 0;
-    for (; m + MR <= c.M; m += MR) gemv4_block<MR, ST, ASYM>(*c.w, b, c.x, c.xsum, m, c.bias, c.y);
-    for (; m < c.M; ++m) gemv4_block<1, ST, ASYM>(*c.w, b, c.x, c.xsum, m, c.bias, c.y);
+    for (; m + MR <= c.M; m += MR) gemv4_block<Cols, MR, ST, ASYM>(*c.w, b, c.x, c.xsum, m, c.bias, c.y);
+    for (; m < c.M; ++m) gemv4_block<Cols, 1, ST, ASYM>(*c.w, b, c.x, c.xsum, m, c.bias, c.y);
   }
 }
 
@@ -340,6 +472,7 @@ static void gemv_dec_task(void* p, int64_t begin, int64_t end) {
         F xb = V::bcast(c.x[m * w.K + k]);
         for (int v = 0; v < NV; ++v) acc[v] = V::fma(val[v], xb, acc[v]);
       }
+      dec.end(w);
       store_block(acc, b * 32, w.N, c.bias, c.y + m * w.N);
     }
   }
@@ -428,6 +561,7 @@ static void dequant_tile(const QView& w, int64_t b0, int64_t nbc, int64_t k0, in
       dec.next(w, val);
       for (int v = 0; v < NV; ++v) V::store(panel_at(buf, KC * NR, k - k0, bi * 32 + v * W), val[v]);
     }
+    dec.end(w);
   }
 }
 
@@ -467,6 +601,7 @@ static void dequant_tile_t(const QView& w, int64_t n0, int64_t nc, int64_t k0, i
       float* col = panel_at(bufT, NCT * NR, b * 32 - n0, k - k0);
       for (int64_t j = 0; j < lanes; ++j) col[j * NR] = tmp[j];
     }
+    dec.end(w);
   }
 }
 
@@ -518,13 +653,17 @@ static TaskFn pick(const QView& w) {
 
 template <ScaleType ST, bool A>
 static TaskFn pick_gemv_fast(const QView& w) {
-  return w.layout == Layout::sparse24 ? gemv24_task<ST, A> : gemv4_task<ST, A>;
+  switch (w.layout) {
+    case Layout::sparse24: return gemv24_task<ST, A>;
+    case Layout::unstructured: return gemv4_task<UnstructuredCols<A>, ST, A>;
+    default: return gemv4_task<DenseCols, ST, A>;
+  }
 }
 
 static bool is_dense4(const QView& w) { return w.layout == Layout::dense && w.bits == 4; }
 
 static TaskFn pick_gemv(const QView& w) {
-  if (!is_dense4(w) && w.layout != Layout::sparse24) return pick<GemvDecTask>(w);
+  if (w.layout == Layout::dense && w.bits != 4) return pick<GemvDecTask>(w);
   const bool a = w.zeros != nullptr;
   switch (w.scale_type) {
     case ScaleType::f32: return a ? pick_gemv_fast<ScaleType::f32, true>(w) : pick_gemv_fast<ScaleType::f32, false>(w);
@@ -539,6 +678,38 @@ static void split_rows(GemmCtx& c, int64_t col_tasks) {
   c.mtasks = imax(1, imin(want, c.M / (4 * V::MR)));
   c.mchunk = cdiv(cdiv(c.M, c.mtasks), V::MR) * V::MR;
   c.mtasks = cdiv(c.M, c.mchunk);
+}
+
+const char* check_unstructured(const QView& w) {
+  const int64_t codes_bytes = w.codes_bytes;
+  static thread_local char msg[256];
+  const int64_t K = w.K, N = w.N, chunks = w.nchunks();
+  int64_t pos = 0;  // bytes of codes before (b, k)
+  for (int64_t b = 0; b < w.nblocks(); ++b) {
+    uint32_t allowed = 0;  // nibble-order bits of the rows below N
+    for (int p = 0; p < 32; ++p)
+      if (b * 32 + (p & 1) * 16 + (p >> 1) < N) allowed |= 1u << p;
+    for (int64_t k = 0; k < K; ++k) {
+      if (k % 32 == 0 && w.offsets[b * chunks + k / 32] != pos) {
+        std::snprintf(msg, sizeof msg, "offsets: entry [%lld, %lld] is %lld but the masks before it hold %lld bytes of codes",
+                      (long long)b, (long long)(k / 32), (long long)w.offsets[b * chunks + k / 32], (long long)pos);
+        return msg;
+      }
+      const uint32_t m = w.masks[b * K + k];
+      if (m & ~allowed) {
+        std::snprintf(msg, sizeof msg, "masks: block %lld column %lld keeps rows past out_features=%lld", (long long)b,
+                      (long long)k, (long long)N);
+        return msg;
+      }
+      pos += UnstructuredCols<false>::half_bytes(m) + UnstructuredCols<false>::half_bytes(m >> 16);
+    }
+  }
+  if (pos + 8 > codes_bytes) {
+    std::snprintf(msg, sizeof msg, "codes: the masks keep %lld bytes of codes (and 8 spare bytes follow) but the stream "
+                  "holds only %lld bytes", (long long)pos, (long long)codes_bytes);
+    return msg;
+  }
+  return nullptr;
 }
 
 void linear(const QView& w, const float* x, int64_t M, const float* bias, float* y, ParallelFn par) {

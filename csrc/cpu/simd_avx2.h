@@ -10,6 +10,7 @@ struct VecAvx2 {
   static constexpr int GEMV_MR = 2;
   using F = __m256;
   using I = __m256i;
+  static uint64_t pdep(uint64_t src, uint64_t mask) { return _pdep_u64(src, mask); }
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
@@ -21,6 +22,11 @@ struct VecAvx2 {
   static I load_u8(const uint8_t* p) {  // 8 bytes -> 8 int32 lanes
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
+  static I load_s8(const uint8_t* p) {  // 8 bytes -> 8 sign-extended int32 lanes
+    return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  static I sll(I v, int n) { return _mm256_slli_epi32(v, n); }
+  static I sra(I v, int n) { return _mm256_srai_epi32(v, n); }
   static F low_nibble(I v) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); }
   static F byte_float(I v) { return _mm256_cvtepi32_ps(v); }
   static F high_nibble(I v) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)); }

@@ -10,6 +10,7 @@ struct VecAvx512 {
   static constexpr int GEMV_MR = 4;
   using F = __m512;
   using I = __m512i;
+  static uint64_t pdep(uint64_t src, uint64_t mask) { return _pdep_u64(src, mask); }
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
@@ -21,6 +22,11 @@ struct VecAvx512 {
   static I load_u8(const uint8_t* p) {  // 16 bytes -> 16 int32 lanes
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  static I load_s8(const uint8_t* p) {  // 16 bytes -> 16 sign-extended int32 lanes
+    return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static I sll(I v, int n) { return _mm512_slli_epi32(v, n); }
+  static I sra(I v, int n) { return _mm512_srai_epi32(v, n); }
   static F low_nibble(I v) { return _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15))); }
   static F byte_float(I v) { return _mm512_cvtepi32_ps(v); }
   static F high_nibble(I v) { return _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4)); }

@@ -11,6 +11,13 @@ struct VecScalar {
   static constexpr int GEMV_MR = 1; // rows per pass in the small-M kernel
   using F = float;
   using I = int32_t;
+  // Bit deposit (BMI2 PDEP): the low bits of src, in order, at the set bits of mask.
+  static uint64_t pdep(uint64_t src, uint64_t mask) {
+    uint64_t out = 0;
+    for (; mask; mask &= mask - 1, src >>= 1)
+      if (src & 1) out |= mask & (~mask + 1);
+    return out;
+  }
   static F zero() { return 0.f; }
   static F load(const float* p) { return *p; }
   static void store(float* p, F v) { *p = v; }
@@ -20,6 +27,9 @@ struct VecScalar {
   static F sub(F a, F b) { return a - b; }
   static F mul(F a, F b) { return a * b; }
   static I load_u8(const uint8_t* p) { return *p; }
+  static I load_s8(const uint8_t* p) { return int8_t(*p); }
+  static I sll(I v, int n) { return I(uint32_t(v) << n); }
+  static I sra(I v, int n) { return v >> n; }  // arithmetic (GCC, C++20)
   static F low_nibble(I v) { return float(v & 15); }
   static F byte_float(I v) { return float(v); }
   static F high_nibble(I v) { return float(v >> 4); }

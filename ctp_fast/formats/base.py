@@ -109,6 +109,7 @@ class PackedWeight:
     LAYOUT: ClassVar[str]
     BITS: ClassVar[tuple[int, ...]] = (4,)
     EXTRA_TENSORS: ClassVar[tuple[str, ...]] = ()  # layout tensors besides qweight
+    VERSION: ClassVar[int] = FORMAT_VERSION  # of this format's byte layout; bumped when the layout changes
 
     def __init__(self, qweight, scales, zeros, perm, out_features: int, in_features: int, group_size: int,
                  bits: int = 4, **extra):
@@ -249,7 +250,7 @@ class PackedWeight:
         return out
 
     def config(self) -> dict:
-        return {"format": self.FORMAT, "version": FORMAT_VERSION, "bits": self.bits, "group_size": self.group_size,
+        return {"format": self.FORMAT, "version": self.VERSION, "bits": self.bits, "group_size": self.group_size,
                 "symmetric": self.symmetric, "act_order": self.perm is not None,
                 "in_features": self.in_features, "out_features": self.out_features}
 
@@ -262,10 +263,10 @@ class PackedWeight:
         cfg = state.get("config")
         if not isinstance(cfg, dict) or cfg.get("format") not in _REGISTRY:
             raise ValueError(f"not a ctp_fast packed weight: config is {cfg!r} (known formats: {sorted(_REGISTRY)})")
-        if cfg.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{cfg['format']} format version {cfg.get('version')!r} is not supported "
-                             f"(this ctp_fast reads version {FORMAT_VERSION})")
         cls = _REGISTRY[cfg["format"]]
+        if cfg.get("version") != cls.VERSION:
+            raise ValueError(f"{cfg['format']} format version {cfg.get('version')!r} is not supported "
+                             f"(this ctp_fast reads version {cls.VERSION}; repack the weight from its codes)")
         for key in ("qweight", "scales", *cls.EXTRA_TENSORS):
             if key not in state:
                 raise ValueError(f"{cls.FORMAT} weight state is missing {key!r}")

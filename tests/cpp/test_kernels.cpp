@@ -147,6 +147,7 @@ struct Weight {
     v.K = K;
     v.group_size = gs;
     v.scale_type = st;
+    v.codes_bytes = int64_t(codes.size());
     return v;
   }
 };
@@ -271,22 +272,32 @@ Weight make_weight(Rng& rng, const Format& fmt, int64_t N, int64_t K, int64_t gs
       while (empty_row / 32 == dense_block);
       for (int64_t k = 0; k < K; ++k) w.keep[empty_row * K + k] = 0;
     }
+    // Layout version 2 (csrc/cpu/qlinear.h): rows in nibble order (p = 2j: row j, p = 2j+1: row 16+j);
+    // per column and half, the kept codes XOR their zero point, two per byte, the half padded to a
+    // byte with junk; 8 junk bytes after the stream (the kernels may load them, never use them).
     const int64_t nchunks = (K + 31) / 32;
     w.masks.assign(w.nb * K, 0);
     w.offsets.assign(w.nb * nchunks, 0);
-    std::vector<uint8_t> stream;  // kept codes: block by block, column by column, rows ascending
+    std::vector<uint8_t> stream;
     for (int64_t b = 0; b < w.nb; ++b)
       for (int64_t k = 0; k < K; ++k) {
         if (k % 32 == 0) w.offsets[b * nchunks + k / 32] = int64_t(stream.size());
-        for (int i = 0; i < 32; ++i)
-          if (w.keep[(b * 32 + i) * K + k]) {
-            w.masks[b * K + k] |= 1u << i;
-            stream.push_back(w.q[(b * 32 + i) * K + k]);
+        for (int h = 0; h < 2; ++h) {
+          int t = 0;
+          for (int p = 16 * h; p < 16 * h + 16; ++p) {
+            const int64_t n = b * 32 + (p & 1) * 16 + (p >> 1);
+            if (!w.keep[n * K + k]) continue;
+            w.masks[b * K + k] |= 1u << p;
+            const uint8_t c = uint8_t(w.q[n * K + k] ^ w.zero[n * G + k / gs]);
+            if (t % 2 == 0) stream.push_back(c);
+            else stream.back() |= uint8_t(c << 4);
+            ++t;
           }
+          if (t % 2) stream.back() |= uint8_t(rng.below(16) << 4);  // padding nibble: junk
+        }
       }
-    w.codes.assign((stream.size() + 1) / 2, 0);  // nibble t in byte t / 2, low nibble first
-    for (size_t t = 0; t < stream.size(); ++t) w.codes[t / 2] |= uint8_t(stream[t] << (4 * (t & 1)));
-    if (stream.size() % 2) w.codes.back() |= uint8_t(rng.below(16) << 4);  // unused last nibble: junk
+    for (int j = 0; j < 8; ++j) stream.push_back(uint8_t(rng.below(256)));
+    w.codes = stream;
     if (w.codes.empty()) w.no_codes.reset(new uint8_t[0]);
   }
 
@@ -483,6 +494,37 @@ void test_check_view(Rng& rng) {
   }
 }
 
+// Unstructured masks that disagree with offsets: check_unstructured names them, and every kernel (small M,
+// forward tiles, grad_input tiles) reports them through QView::error without reading past the stream.
+void test_unstructured_disagreement(Rng& rng, const std::vector<ctp::Isa>& isas) {
+  using ctp::Layout;
+  const Weight u = make_weight(rng, Format{Layout::unstructured, 4, 50}, 70, 300, 32, ctp::ScaleType::f16, true, false);
+  check(ctp::check_unstructured(u.view()) == nullptr, "check_unstructured accepts a well-formed weight");
+  std::vector<uint32_t> more = u.masks;
+  for (uint32_t& m : more) m |= 0x0000FFFFu;  // rows 0..7 and 16..23 (the low half) kept everywhere: more codes
+  std::vector<uint32_t> fewer = u.masks;
+  fewer[3] = 0;  // block 0, column 3 keeps nothing: the codes after it shift
+  struct Bad { const char* what; const std::vector<uint32_t>* masks; };
+  for (const Bad& bad : {Bad{"masks keeping more codes than the stream", &more}, Bad{"masks keeping fewer codes", &fewer}}) {
+    ctp::QView v = u.view();
+    v.masks = bad.masks->data();
+    const char* msg = ctp::check_unstructured(v);
+    check(msg != nullptr, std::string("check_unstructured rejects ") + bad.what);
+    for (ctp::Isa isa : isas)
+      for (int64_t M : {int64_t(1), int64_t(9)}) {
+        ctp::KernelError err;
+        v.error = &err;
+        std::vector<float> x(M * std::max(v.N, v.K), 0.5f), y(M * std::max(v.N, v.K));
+        ctp::linear(isa, v, x.data(), M, nullptr, y.data());
+        check(err.set == 1, std::string("linear reports ") + bad.what + " on " + ctp::isa_name(isa) + " M=" + std::to_string(M));
+        ctp::KernelError gerr;
+        v.error = &gerr;
+        ctp::linear_grad_input(isa, v, x.data(), M, y.data());
+        check(gerr.set == 1, std::string("grad_input reports ") + bad.what + " on " + ctp::isa_name(isa));
+      }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -501,6 +543,8 @@ int main() {
   Rng rng(12345);
   test_isa_names();
   test_check_view(rng);
+  Rng rng_bad(777);  // its own stream: the sweep below keeps its weights
+  test_unstructured_disagreement(rng_bad, isas);
 
   // M <= 4 takes the small-M kernels (rows in pairs on AVX2, fours on AVX-512), larger M the tiled ones
   // (micro-kernel rows: 4 scalar, 6 AVX2, 8 AVX-512; M = 33 also splits the rows into two tasks on scalar).
