@@ -211,3 +211,34 @@ def test_real_smollm2_to_gemma_bridge():
     ids = dst_tok("The capital of France is", return_tensors="pt")["input_ids"]
     logits, n = p.logits(dst, ids)
     assert torch.isfinite(logits).all() and logits.shape[1] == n + ids.shape[1]
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def test_cli_transfer_bridges_a_prompt_to_another_width(pair, tmp_path, capsys):
+    from ctp_fast.cli import main
+
+    sp_tok, sp_model, bpe_tok, bpe_model = pair
+    for name, (m, t) in {"src": (sp_model, sp_tok), "dst": (bpe_model, bpe_tok)}.items():
+        m.save_pretrained(tmp_path / name)
+        t.save_pretrained(tmp_path / name)
+    text = tmp_path / "text.txt"
+    gen = torch.Generator().manual_seed(0)
+    text.write_text("\n\n".join(" ".join(WORDS[i] for i in torch.randint(10, 30, (60,), generator=gen).tolist())
+                                  for _ in range(20)))
+    save_prompt(tmp_path / "p", SoftPrompt.from_vocab(sp_model, 4), sp_model, metadata={"model": str(tmp_path / "src")})
+    argv = ["transfer", "--prompts", str(tmp_path / "p"), "--models", f"dst={tmp_path / 'dst'}",
+            "--dense", f"{tmp_path / 'src'},{tmp_path / 'dst'}", "--corpora", str(text), "--split", "test",
+            "--seqlen", "16", "--windows", "2"]
+    assert main(argv + ["--bridge", "none"]) == 2
+    assert "bridge: the prompt has hidden size 16 and the target 24" in capsys.readouterr().err
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "to dst (hidden 24)" in out and "anchor tokens" in out and "bridged" in out
+    row = [line for line in out.splitlines() if line.startswith(str(tmp_path / "p")[-28:])][-1].split()
+    # the target is its own dense reference: dense ppl == no-prompt ppl, so no gap to recover
+    assert row[1] == "dst" and float(row[3]) > 0 and row[4] == row[5] and row[-3:] == ["n/a", "(no", "gap)"]
+    bridge = fit_bridge(sp_model, sp_tok, bpe_model, bpe_tok)
+    bridge.save(tmp_path / "b")
+    assert main(argv[:-6] + ["--dense", str(tmp_path / "src"), "--corpora", str(text), "--split", "test",
+                             "--seqlen", "16", "--windows", "2", "--bridge", str(tmp_path / "b")]) == 0
+    assert "n/a (no dense)" in capsys.readouterr().out

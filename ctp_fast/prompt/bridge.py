@@ -292,3 +292,41 @@ def same_norm_random(prompt: SoftPrompt, seed: int = 0) -> SoftPrompt:
     r = torch.randn(prompt.embeddings.shape, generator=gen)
     r = r / r.norm(dim=1, keepdim=True) * prompt.embeddings.detach().norm(dim=1, keepdim=True)
     return SoftPrompt(r, init="random")
+
+
+def prompt_for_model(prompt: SoftPrompt, metadata: dict, model, tokenizer, bridge: str = "auto",
+                     load_source=None, cache: dict | None = None) -> tuple[SoftPrompt, Bridge | None]:
+    """`prompt` ready for `model`: as is when the widths match, else mapped through a bridge.
+
+    bridge: "none" (refuse a width mismatch), "auto" (fit one from the prompt's source model, named in its
+    metadata: `model`, else adapter_config's base_model_name_or_path, loaded with `load_source(name)` ->
+    (model, tokenizer)), or the folder of a saved Bridge. `cache` keeps fitted bridges between calls.
+    Returns (prompt, the bridge used or None)."""
+    from .soft_prompt import embedding_dim
+
+    hidden = embedding_dim(model)
+    if prompt.hidden == hidden:
+        return prompt, None
+    if bridge == "none":
+        raise ValueError(f"bridge: the prompt has hidden size {prompt.hidden} and the target {hidden}; "
+                         "use --bridge auto or a saved bridge folder")
+    target = _name(model) or type(model).__name__
+    if bridge == "auto":
+        source = metadata.get("model") or (metadata.get("adapter_config") or {}).get("base_model_name_or_path")
+        if not source:
+            raise ValueError("bridge: auto needs the prompt's source model, but its metadata names none "
+                             "(no 'model' in ctp_prompt.json, no base_model_name_or_path); pass a bridge folder")
+        if load_source is None:
+            raise ValueError("load_source: needed to load the prompt's source model for --bridge auto")
+        key = (str(source), str(target))
+        if cache is None or key not in cache:
+            src_model, src_tok = load_source(str(source))
+            fitted = fit_bridge(src_model, src_tok, model, tokenizer, src_name=str(source), dst_name=str(target))
+            if cache is not None:
+                cache[key] = fitted
+        b = fitted if cache is None else cache[key]
+    else:
+        b = Bridge.load(bridge)
+    if b.dst_hidden != hidden:
+        raise ValueError(f"bridge: maps into width {b.dst_hidden}, the target's embedding has {hidden}")
+    return bridge_prompt(prompt, b, metadata), b
