@@ -201,3 +201,38 @@ metric_list:
     words = sum(len(d["context"].split()) for d in docs)
     assert wp == pytest.approx(math.exp(-sum(rolled) / words), rel=1e-6)
     print({k: v for k, v in out["results"].items()})
+
+
+def test_registered_by_name_with_model_args(lm_parts, tmp_path):
+    import lm_eval
+    from lm_eval.api.registry import get_model
+    from lm_eval.tasks import TaskManager
+
+    from ctp_fast.prompt import save_prompt
+
+    model, tok, prompt = lm_parts
+    assert get_model("ctp") is CTPLM
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    save_prompt(tmp_path / "p", prompt, model)
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"context": "the cat sat on the", "choices": ["mat", "dog"], "label": 0}) + "\n")
+    (tmp_path / "t.yaml").write_text(f"""task: ctp_tiny_named
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+""")
+    out = lm_eval.simple_evaluate(model="ctp", model_args=f"pretrained={tmp_path / 'm'},prompt={tmp_path / 'p'}",
+                                  tasks=["ctp_tiny_named"], task_manager=TaskManager(include_path=str(tmp_path)))
+    lm = CTPLM(model=model, tokenizer=tok, prompt=prompt)
+    ll = lm.loglikelihood([req("loglikelihood", "the cat sat on the", " " + c) for c in ("mat", "dog")], disable_tqdm=True)
+    assert out["results"]["ctp_tiny_named"]["acc,none"] == float(ll[0][0] > ll[1][0])
+    assert out["config"]["model"] == "ctp"
