@@ -31,7 +31,7 @@ from ctp_fast.compress.pipeline import Recipe, compress
 from ctp_fast.data import corpus_split, load_model, token_windows
 from ctp_fast.eval import perplexity
 from ctp_fast.fileio import write_json, write_text
-from ctp_fast.prompt import TuneConfig, tune
+from ctp_fast.prompt import TuneConfig, save_prompt, tune
 from ctp_fast.prompt.bridge import bridge_prompt, fit_bridge, same_norm_random
 from ctp_fast.prompt.tune import init_prompt
 
@@ -57,7 +57,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--val-windows", type=int, default=4)
     ap.add_argument("--max-anchors", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(OUT / "bridge_transfer"))
+    ap.add_argument("--out", default="runs/bridge_transfer", help="the bridge and the source prompt go here")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -93,6 +93,7 @@ def main(argv=None) -> dict:
     bridge = fit_bridge(s_dense, s_tok, t_dense, t_tok, max_anchors=args.max_anchors, src_name=args.source,
                         dst_name=args.target)
     bridge.save(Path(args.out) / "bridge")
+    save_prompt(Path(args.out) / "source_prompt", s_tuned.prompt, s_comp, metadata={"model": args.source, "recipe": recipe})
     bridged = bridge_prompt(s_tuned.prompt, bridge, {"model": args.source, "recipe": recipe})
     prompts = {"bridged prompt": bridged, "random prompt (same norms)": same_norm_random(bridged),
                "bridged untuned init": bridge_prompt(s_init, bridge)}
@@ -134,7 +135,8 @@ def markdown(r: dict) -> str:
              f"{a['corpus']} test windows of {a['seqlen']} tokens per model (Gemma's start with BOS). "
              f"Run time {r['seconds'] / 60:.1f} min on a shared 2-core CPU.", "",
              f"Bridge: {b['method']} (penalty {b['penalty']}), {b['anchors']} anchor tokens "
-             f"({b['heldout_anchors']} held out); held-out R² {b['heldout_r2']:.3f}, cosine {b['heldout_cosine']:.3f}; "
+             f"({b['heldout_anchors']} held out); held-out R² {b['heldout_r2']:.3f}, cosine {b['heldout_cosine']:.3f} "
+             f"(around the target mean {b.get('heldout_cosine_centered', float('nan')):.3f}); "
              f"all anchors R² {b['train_r2']:.3f}, cosine {b['train_cosine']:.3f}.", ""]
     for side in ("source", "target"):
         lines += [f"## {side}: {a[side]}", "", "| | test loss | ppl | gap recovered |", "| --- | --- | --- | --- |"]

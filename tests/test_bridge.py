@@ -97,6 +97,11 @@ def test_fit_recovers_a_known_linear_map(method):
     torch.testing.assert_close(bridge.weight, a, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(bridge.bias, b, atol=1e-4, rtol=1e-4)
     assert bridge.stats["heldout_r2"] > 0.9999 and bridge.stats["heldout_cosine"] > 0.9999
+    assert bridge.stats["heldout_cosine_centered"] > 0.9999
+    # no relation: the centered cosine sees it, whatever a large common mean does to the plain cosine
+    noise = fit_linear_map(x, torch.randn(200, 20, generator=gen) + 50.0, method=method)
+    assert noise.stats["heldout_r2"] < 0.05 and noise.stats["heldout_cosine_centered"] < 0.3
+    assert noise.stats["heldout_cosine"] > 0.99
     assert bridge.stats["anchors"] == 200 and bridge.stats["heldout_anchors"] == 20
 
 

@@ -11,7 +11,8 @@ Candidate maps (all on centered anchors, plus the bias that maps the source mean
           least squares)
   procrustes  scaled orthogonal map (W W^T = I times one scale): keeps the prompt's geometry
 `method="auto"` fits every candidate on a training split of the anchors, picks the best held-out R^2,
-then refits the winner on all anchors. The held-out figures (R^2, mean cosine) are kept in the stats.
+then refits the winner on all anchors. The held-out figures (R^2, mean cosine, and the mean cosine around
+the target mean, which a shared mean vector cannot inflate) are kept in the stats.
 
 On disk a bridge is a folder: `bridge.safetensors` (weight [src_hidden, dst_hidden], bias [dst_hidden])
 and `bridge.json` (method, penalty, anchor count, held-out fit, source/target names), written atomically.
@@ -181,7 +182,9 @@ def _fit_quality(x, y, w, b) -> dict:
     pred = x @ w + b
     r2 = 1.0 - float(((y - pred) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
     cos = float(torch.nn.functional.cosine_similarity(pred, y, dim=1).mean())
-    return {"r2": r2, "cosine": cos}
+    # the same around the target mean (a shared mean vector inflates the plain cosine)
+    centered = float(torch.nn.functional.cosine_similarity(pred - y.mean(0), y - y.mean(0), dim=1).mean())
+    return {"r2": r2, "cosine": cos, "cosine_centered": centered}
 
 
 def fit_linear_map(x: torch.Tensor, y: torch.Tensor, method: str = "auto", heldout: float = 0.1,
@@ -214,13 +217,15 @@ def fit_linear_map(x: torch.Tensor, y: torch.Tensor, method: str = "auto", heldo
     for m, p in candidates:
         w, b = _solve(x[tr], y[tr], m, p)
         q = _fit_quality(x[te], y[te], w, b)
-        scores.append({"method": m, "penalty": p, "heldout_r2": q["r2"], "heldout_cosine": q["cosine"]})
+        scores.append({"method": m, "penalty": p, "heldout_r2": q["r2"], "heldout_cosine": q["cosine"],
+                       "heldout_cosine_centered": q["cosine_centered"]})
         log.info("bridge candidate %s penalty %g: held-out R2 %.4f cosine %.4f", m, p, q["r2"], q["cosine"])
     best = max(scores, key=lambda s: s["heldout_r2"])
     w, b = _solve(x, y, best["method"], best["penalty"])
     train = _fit_quality(x, y, w, b)
     stats = {"method": best["method"], "penalty": best["penalty"], "anchors": n, "heldout_anchors": int(n_test),
              "heldout_r2": best["heldout_r2"], "heldout_cosine": best["heldout_cosine"],
+             "heldout_cosine_centered": best["heldout_cosine_centered"],
              "train_r2": train["r2"], "train_cosine": train["cosine"], "candidates": scores}
     return Bridge(w, b, stats)
 
