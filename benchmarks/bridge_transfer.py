@@ -95,7 +95,9 @@ def main(argv=None) -> dict:
     bridge.save(Path(args.out) / "bridge")
     save_prompt(Path(args.out) / "source_prompt", s_tuned.prompt, s_comp, metadata={"model": args.source, "recipe": recipe})
     bridged = bridge_prompt(s_tuned.prompt, bridge, {"model": args.source, "recipe": recipe})
-    prompts = {"bridged prompt": bridged, "random prompt (same norms)": same_norm_random(bridged),
+    prompts = {"bridged prompt": bridged,
+               "bridged prompt, rows at target token norm": bridge_prompt(s_tuned.prompt, bridge, norm="target"),
+               "random prompt (same norms)": same_norm_random(bridged),
                "bridged untuned init": bridge_prompt(s_init, bridge)}
     tgt = {"dense": loss(t_dense, t_data["test"], desc="target dense"),
            "compressed": loss(t_comp, t_data["test"], desc="target compressed")}

@@ -153,6 +153,15 @@ def test_bridged_prompt_shapes_metadata_and_forward(pair, tmp_path):
     loaded, meta = load_prompt(tmp_path / "p")
     torch.testing.assert_close(loaded.embeddings, out.embeddings)
     assert meta["bridge"]["method"] == bridge.stats["method"] and meta["init"] == "bridged"
+    # rows rescaled to the target's mean token norm: same directions
+    scaled = bridge_prompt(prompt, bridge, norm="target")
+    torch.testing.assert_close(scaled.embeddings.norm(dim=1), torch.full((5,), bridge.stats["dst_token_norm"]))
+    torch.testing.assert_close(torch.nn.functional.normalize(scaled.embeddings, dim=1),
+                               torch.nn.functional.normalize(out.embeddings, dim=1))
+    assert bridge.stats["dst_token_norm"] == pytest.approx(
+        float(bpe_model.get_input_embeddings()(shared_tokens(sp_tok, bpe_tok)[1]).norm(dim=1).mean()), rel=1e-5)
+    with pytest.raises(ValueError, match="norm: expected 'map' or 'target'"):
+        bridge_prompt(prompt, bridge, norm="unit")
     # the control has the same row norms, not the same directions
     rnd = same_norm_random(out)
     torch.testing.assert_close(rnd.embeddings.norm(dim=1), out.embeddings.norm(dim=1))

@@ -268,15 +268,22 @@ def fit_bridge(src_model, src_tokenizer, dst_model, dst_tokenizer, method: str =
         keep = torch.randperm(len(strings), generator=torch.Generator().manual_seed(seed))[:max_anchors].sort().values
         src_ids, dst_ids = src_ids[keep], dst_ids[keep]
     log.info("bridge: %d anchor tokens shared by the two vocabularies", len(src_ids))
-    bridge = fit_linear_map(_embed(src_model, src_ids), _embed(dst_model, dst_ids), method, heldout, seed)
+    x, y = _embed(src_model, src_ids), _embed(dst_model, dst_ids)
+    bridge = fit_linear_map(x, y, method, heldout, seed)
     bridge.stats.update({"source": src_name or _name(src_model), "target": dst_name or _name(dst_model),
-                         "shared_tokens": len(strings)})
+                         "shared_tokens": len(strings), "src_token_norm": float(x.norm(dim=1).mean()),
+                         "dst_token_norm": float(y.norm(dim=1).mean())})
     return bridge
 
 
-def bridge_prompt(prompt: SoftPrompt, bridge: Bridge, source_metadata: dict | None = None) -> SoftPrompt:
-    """The prompt mapped into the bridge's target space. The result carries `.metadata` (source model,
-    the bridge's stats, the source prompt's metadata) for `save_prompt(..., metadata=p.metadata)`."""
+def bridge_prompt(prompt: SoftPrompt, bridge: Bridge, source_metadata: dict | None = None,
+                  norm: str = "map") -> SoftPrompt:
+    """The prompt mapped into the bridge's target space. norm: "map" keeps the mapped rows as they are;
+    "target" rescales every row to the target's mean anchor-token norm (a least-squares map shrinks or
+    inflates what it cannot explain). The result carries `.metadata` (source model, the bridge's stats,
+    the source prompt's metadata) for `save_prompt(..., metadata=p.metadata)`."""
+    if norm not in ("map", "target"):
+        raise ValueError(f"norm: expected 'map' or 'target', got {norm!r}")
     if not isinstance(prompt, SoftPrompt):
         raise ValueError(f"prompt: expected a SoftPrompt, got {type(prompt).__name__}")
     if not isinstance(bridge, Bridge):
@@ -284,10 +291,16 @@ def bridge_prompt(prompt: SoftPrompt, bridge: Bridge, source_metadata: dict | No
     if prompt.hidden != bridge.src_hidden:
         raise ValueError(f"prompt: hidden size {prompt.hidden} does not match the bridge's source width "
                          f"{bridge.src_hidden}")
-    out = SoftPrompt(bridge.apply(prompt.embeddings.detach()), init="bridged")
+    mapped = bridge.apply(prompt.embeddings.detach())
+    if norm == "target":
+        if "dst_token_norm" not in bridge.stats:
+            raise ValueError("norm: 'target' needs the target's token norm, which this bridge's stats lack "
+                             "(fit it with fit_bridge)")
+        mapped = mapped / mapped.norm(dim=1, keepdim=True).clamp_min(1e-12) * bridge.stats["dst_token_norm"]
+    out = SoftPrompt(mapped, init="bridged")
     source_metadata = {k: v for k, v in (source_metadata or {}).items() if k != "adapter_config"}
     out.metadata = {"bridged_from": bridge.stats.get("source"), "bridge": dict(bridge.stats, candidates=None),
-                    "source_prompt": source_metadata, "source_hidden": prompt.hidden}
+                    "source_prompt": source_metadata, "source_hidden": prompt.hidden, "norm": norm}
     return out
 
 
