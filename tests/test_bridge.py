@@ -159,7 +159,7 @@ def test_bridged_prompt_shapes_metadata_and_forward(pair, tmp_path):
     torch.testing.assert_close(torch.nn.functional.normalize(scaled.embeddings, dim=1),
                                torch.nn.functional.normalize(out.embeddings, dim=1))
     assert bridge.stats["dst_token_norm"] == pytest.approx(
-        float(bpe_model.get_input_embeddings()(shared_tokens(sp_tok, bpe_tok)[1]).norm(dim=1).mean()), rel=1e-5)
+        float(bpe_model.get_input_embeddings()(shared_tokens(sp_tok, bpe_tok)[1]).detach().norm(dim=1).mean()), rel=1e-5)
     with pytest.raises(ValueError, match="norm: expected 'map' or 'target'"):
         bridge_prompt(prompt, bridge, norm="unit")
     # the control has the same row norms, not the same directions
