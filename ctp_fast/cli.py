@@ -151,7 +151,8 @@ def cmd_transfer(args) -> int:
         model, tok = denses[path] if path in denses else _load_any(path)
         ready = {}
         for pname, (prompt, meta) in prompts.items():
-            ready[pname], b = prompt_for_model(prompt, meta, model, tok, args.bridge, _load_any, bridges)
+            ready[pname], b = prompt_for_model(prompt, meta, model, tok, args.bridge,
+                                                lambda name: denses.get(name) or _load_any(name), bridges)
             if b is not None:
                 print(f"bridged {pname} (hidden {prompt.hidden}) to {tname} (hidden {ready[pname].hidden}): "
                       f"{b.stats.get('method')} map from {b.stats.get('source')}, {b.stats.get('anchors')} anchor "
