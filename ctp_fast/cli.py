@@ -4,6 +4,7 @@
   ctp eval --model runs/gptq4 --corpora wiki,wikixml,news
   ctp tune --model runs/gptq4 --corpus wiki --out runs/prompt
   torchrun --nproc_per_node 2 -m ctp_fast tune --model runs/gptq4 --out runs/prompt   (data parallel)
+  ctp transfer --prompts runs/prompt/best --models gemma=gemma3-270m --dense smollm2-135m,gemma3-270m --bridge auto
   ctp demo [--quick]
   ctp bench kernels|formats|prefix|e2e [--quick]
 """
@@ -138,28 +139,56 @@ def cmd_eval(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    """Source prompt x target model matrix: perplexity and gap recovered (in test loss)."""
+    """Source prompt x target model matrix: perplexity and gap recovered (in test loss). A target of another
+    width (another model) gets the prompt through an embedding bridge (--bridge), and its own windows."""
     from .data import corpus_split, token_windows
     from .eval import perplexity
     from .prompt import load_prompt
+    from .prompt.bridge import prompt_for_model
 
     targets = dict(item.split("=", 1) for item in args.models.split(","))
-    prompts = {p: load_prompt(p)[0] for p in args.prompts.split(",")}
+    prompts = {p: load_prompt(p) for p in args.prompts.split(",")}
     corpora = args.corpora.split(",")
-    dense, tok = _load_any(args.dense)
-    windows = {c: token_windows(tok, corpus_split(c, args.split, args.seed), args.seqlen, args.windows) for c in corpora}
-    loss = lambda m, p, c: perplexity(m, windows[c], args.batch_size, prompt=p).loss  # noqa: E731
-    base = {c: loss(dense, None, c) for c in corpora}
+    denses = {d: _load_any(d) for d in args.dense.split(",")}  # one dense reference per model family
+    windows, bridges, dense_loss = {}, {}, {}
+
+    def loss(m, tok, p, c):
+        key = (getattr(tok, "name_or_path", None), len(tok), c)
+        if key not in windows:
+            windows[key] = token_windows(tok, corpus_split(c, args.split, args.seed), args.seqlen, args.windows,
+                                         bos="gemma" in type(m).__name__.lower())
+        return perplexity(m, windows[key], args.batch_size, prompt=p).loss
+
+    def base(m, c):  # the dense model with the target's embedding shape, if any
+        shape = m.get_input_embeddings().weight.shape
+        ref = [(d, dm, dt) for d, (dm, dt) in denses.items() if dm.get_input_embeddings().weight.shape == shape]
+        if not ref:
+            return None
+        if (ref[0][0], c) not in dense_loss:
+            dense_loss[ref[0][0], c] = loss(ref[0][1], ref[0][2], None, c)
+        return dense_loss[ref[0][0], c]
+
     print(f"{'source prompt':28} {'target':14} {'corpus':8} {'ppl':>9} {'no prompt':>10} {'dense':>8} {'gap recovered':>14}")
     for tname, path in targets.items():
-        model = dense if path == args.dense else _load_any(path)[0]
+        model, tok = denses[path] if path in denses else _load_any(path)
+        ready = {}
+        for pname, (prompt, meta) in prompts.items():
+            ready[pname], b = prompt_for_model(prompt, meta, model, tok, args.bridge,
+                                                lambda name: denses.get(name) or _load_any(name), bridges)
+            if b is not None:
+                print(f"bridged {pname} (hidden {prompt.hidden}) to {tname} (hidden {ready[pname].hidden}): "
+                      f"{b.stats.get('method')} map from {b.stats.get('source')}, {b.stats.get('anchors')} anchor "
+                      f"tokens, held-out R2 {b.stats.get('heldout_r2', float('nan')):.3f}, "
+                      f"cosine {b.stats.get('heldout_cosine', float('nan')):.3f}")
         for c in corpora:
-            lc = loss(model, None, c)
-            for pname, prompt in prompts.items():
-                lp = loss(model, prompt, c)
-                rec = "n/a (no gap)" if lc <= base[c] else f"{100 * (lc - lp) / (lc - base[c]):.1f}%"
+            lc, ld = loss(model, tok, None, c), base(model, c)
+            for pname, prompt in ready.items():
+                lp = loss(model, tok, prompt, c)
+                rec = ("n/a (no dense)" if ld is None else "n/a (no gap)" if lc <= ld
+                       else f"{100 * (lc - lp) / (lc - ld):.1f}%")
+                dense_ppl = "n/a" if ld is None else f"{math.exp(ld):.3f}"
                 print(f"{pname[-28:]:28} {tname:14} {c:8} {math.exp(lp):9.3f} {math.exp(lc):10.3f} "
-                      f"{math.exp(base[c]):8.3f} {rec:>14}")
+                      f"{dense_ppl:>8} {rec:>14}")
     return 0
 
 
@@ -241,7 +270,10 @@ def main(argv=None) -> int:
     p = sub.add_parser("transfer", help="prompts x compressed models: perplexity and gap recovered")
     p.add_argument("--prompts", required=True, help="comma-separated prompt folders (ctp tune --out .../best)")
     p.add_argument("--models", required=True, help="comma-separated NAME=PATH targets (checkpoints or model names)")
-    p.add_argument("--dense", default="smollm2-135m", help="the uncompressed model the gap is measured to")
+    p.add_argument("--dense", default="smollm2-135m",
+                   help="the uncompressed model(s) the gap is measured to, comma-separated: one per model family")
+    p.add_argument("--bridge", default="auto", help="for a target of another width: auto (fit an embedding bridge "
+                   "from the prompt's source model), none (refuse), or a saved bridge folder")
     p.add_argument("--corpora", default="wiki,wikixml,news")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     _add_data_args(p, windows=8)

