@@ -2,10 +2,11 @@
 // target, -fno-trapping-math so the float selects in exp_nonpos vectorize, V and CTP_ISA_NS). See
 // attention.h for the contract.
 //
-// Keys are visited in blocks of BK, each transposed into a [D][BK] scratch tile, so every hot loop runs
-// over BK contiguous floats (scores, softmax, gradients) or D contiguous floats (outputs) with no horizontal
-// reduction: the compiler vectorizes them for the target. The prompt's blocks and the sequence's own blocks
-// are two segments of the same online softmax (running max m, running sum l, rescaled accumulator).
+// Keys are visited in blocks of BK, each transposed into a [D][BK] scratch tile; scores, weighted values
+// and gradients are small register-blocked GEMMs over a tile of query rows (all heads of a KV group), and
+// the softmax runs over BK contiguous floats with no horizontal reduction, so it vectorizes too. The
+// prompt's blocks and the sequence's own blocks are two segments of the same online softmax (running max
+// m, running sum l, rescaled accumulator).
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -22,7 +23,8 @@ constexpr int BK = 64;  // keys per block
 constexpr int QT = 16;  // query rows per forward task
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// exp(x) for x <= 0 (a little above 0 is fine too), with exp(-inf) = 0; branch-free (vectorizes), relative error about 2e-7.
+// exp(x) for x <= 0 (a little above 0 is fine too), with exp(-inf) = 0; branch-free (vectorizes),
+// relative error about 2e-7.
 inline float exp_nonpos(float x) {
   const float xc = x > -87.0f ? x : -87.0f;
   // n = round(xc / ln 2) by the 1.5 * 2^23 trick (std::floor and std::round do not vectorize)
