@@ -75,3 +75,21 @@ def test_cloze_examples_end_on_a_word():
     ex = cloze_examples(tok, docs, n=5)
     assert len(ex) == 1 and ex[0].word == "finale"
     assert ex[0].target.tolist() == [tok.vocab["finale"]] and len(ex[0].context) == 30
+
+
+def test_tuning_peak_runs_a_fresh_process_with_a_fixed_mmap_threshold(monkeypatch):
+    import subprocess
+    import sys
+
+    from ctp_fast import demo
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append((cmd, kw))
+        return subprocess.CompletedProcess(cmd, 0, stdout='noise\n{"peak_rss_mib": 123.5}\n', stderr="")
+    monkeypatch.setattr(demo.subprocess, "run", fake_run)
+    assert demo.tuning_peak_mib("some/dir", "packed", 4, 128, steps=3) == 123.5
+    (cmd, kw), = calls
+    assert cmd[0] == sys.executable and cmd[3:] == ["some/dir", "4", "128", "3", "packed"]
+    # glibc's dynamic threshold would keep freed activations resident and blur the comparison
+    assert kw["env"]["MALLOC_MMAP_THRESHOLD_"] == "131072" and kw["check"]
