@@ -49,6 +49,21 @@ def checkpoint_for(variant: str, root: Path) -> Path | None:
     return path
 
 
+def decode_steps(model, out, mask, pos, new_tokens: int) -> list[float]:
+    """Greedy single-token steps after a prefill `out` (its KV cache, the mask and positions so far);
+    returns the seconds of each step."""
+    steps = []
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(new_tokens):
+        mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+        pos = pos[:, -1:] + 1
+        t0 = time.perf_counter()
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
+        steps.append(time.perf_counter() - t0)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    return steps
+
+
 def decode_loop(model, ids, mask, new_tokens: int, cache=None):
     """Greedy prefill + `new_tokens` single-token steps with a KV cache; returns (prefill s, [step s])."""
     from contextlib import nullcontext
@@ -60,17 +75,7 @@ def decode_loop(model, ids, mask, new_tokens: int, cache=None):
         t0 = time.perf_counter()
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
         prefill = time.perf_counter() - t0
-        kv, steps = out.cache, []
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(new_tokens):
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            pos = pos[:, -1:] + 1
-            t0 = time.perf_counter()
-            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True)
-            steps.append(time.perf_counter() - t0)
-            kv = out.cache
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return prefill, steps
+        return prefill, decode_steps(model, out, mask, pos, new_tokens)
 
 
 def cell(variant: str, checkpoint: str | None, prompt_len: int, batch: int, seqlen: int, new_tokens: int,

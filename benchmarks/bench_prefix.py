@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_e2e import checkpoint_for, decode_loop  # noqa: E402  (one model cache and decode loop)
+from bench_e2e import checkpoint_for, decode_loop, decode_steps  # noqa: E402  (one model cache and decode loop)
 
 VARIANT = "int4"
 
@@ -55,16 +55,8 @@ def decode_with_cache(model, ids, kv, n_prompt: int, new_tokens: int):
         pos = torch.arange(n_prompt, n_prompt + length).expand(batch, -1)
         t0 = time.perf_counter()
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=kv, use_cache=True)
-        prefill, steps = time.perf_counter() - t0, []
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(new_tokens):
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            pos = pos[:, -1:] + 1
-            t0 = time.perf_counter()
-            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
-            steps.append(time.perf_counter() - t0)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return prefill, steps
+        prefill = time.perf_counter() - t0
+        return prefill, decode_steps(model, out, mask, pos, new_tokens)
 
 
 def decode_recompute(model, prompt, ids, new_tokens: int):
@@ -74,17 +66,8 @@ def decode_recompute(model, prompt, ids, new_tokens: int):
         t0 = time.perf_counter()
         inputs = prompted_inputs(model, prompt, ids)
         out = model(**inputs, use_cache=True)
-        prefill, steps = time.perf_counter() - t0, []
-        mask, pos = inputs["attention_mask"], inputs["position_ids"]
-        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        for _ in range(new_tokens):
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-            pos = pos[:, -1:] + 1
-            t0 = time.perf_counter()
-            out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, cache=out.cache, use_cache=True)
-            steps.append(time.perf_counter() - t0)
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-    return prefill, steps
+        prefill = time.perf_counter() - t0
+        return prefill, decode_steps(model, out, inputs["attention_mask"], inputs["position_ids"], new_tokens)
 
 
 def decode_rows(args, cache_dir: Path) -> list[dict]:
