@@ -109,7 +109,8 @@ def _kv_start(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function `ctp_prefix`: q [B, H, L, D], k/v [B, Hkv, S, D] (own + cache)."""
+    """transformers attention function `ctp_prefix`: q [B, H, L, D], k/v [B, Hkv, S, D] (own + cache);
+    `attention_mask` is what `_mask` made of the padding: each row's first real key, or None."""
     state = _state.get()
     if state is None:
         raise RuntimeError("the ctp_prefix attention runs only inside ctp_fast.nn.prefix_attention.attend(...)")
@@ -123,16 +124,22 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         cache: PromptCache = payload
         kp, vp = cache.keys[layer], cache.values[layer]
         out = prefix_attention(query, key, value, kp.to(query.dtype), vp.to(query.dtype), causal=True,
-                               scale=scaling, kv_start=_kv_start(attention_mask))
+                               scale=scaling, kv_start=attention_mask)  # from _mask, once per forward
     return out.transpose(1, 2), None
+
+
+def _mask(*args, **kwargs):
+    """transformers mask function `ctp_prefix`: the padding-only 2-D mask flash attention gets (None when
+    nothing is padded), turned into each row's first real key; built once per forward, used by every layer."""
+    from transformers.masking_utils import flash_attention_mask
+    return _kv_start(flash_attention_mask(*args, **kwargs))
 
 
 def _register() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     AttentionInterface.register(ATTN_NAME, _attention)
-    # The padding-only 2-D mask (None when nothing is padded), as flash attention gets it.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, flash_attention_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, _mask)
 
 
 @contextmanager
