@@ -40,6 +40,15 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="module")
+def one_thread_per_module():
+    """`one_thread` for a whole test module (its tiny models make thread hand-offs the main cost)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def two_threads(one_thread):
     """Two intra-op threads (at::parallel_for splits the kernel tasks between them)."""

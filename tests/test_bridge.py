@@ -18,12 +18,7 @@ from ctp_fast.prompt.bridge import (Bridge, bridge_prompt, fit_bridge, fit_linea
 WORDS = [f"w{i}" for i in range(60)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 def word_tokenizer(vocab: dict[str, int], specials=("<unk>", "<s>")):

@@ -35,12 +35,7 @@ CONFIG = dict(n_tokens=3, steps=4, eval_every=2, save_every=2, batch_size=3, gra
 TRAIN = (10, 12)  # windows, seqlen: epochs end mid-batch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def free_port() -> int:

@@ -24,12 +24,7 @@ from ctp_fast.prompt import SoftPrompt  # noqa: E402
 WORDS = ["the", "cat", "dog", "sat", "on", "mat", "a", "ran", "to", "house", "red", "blue", "big", "small", "."]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")

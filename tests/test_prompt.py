@@ -37,14 +37,7 @@ def tiny_llama(seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, tiny ops with 2 OpenMP threads wait on each other
-    (about 100x slower when other jobs run)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread_per_module")
 
 
 @pytest.fixture(scope="module")
