@@ -14,6 +14,8 @@
 //  * small M, other layouts (gemv_dec): decoder values times broadcast x.
 //  * larger M (gemm_*): a cache-sized tile of W is dequantized into contiguous panels (KC x 128
 //    forward, NCT x KT transposed for grad_input) and fed to a register-blocked FMA micro-kernel.
+//    The 2:4 forward keeps its panels sparse (kept values and positions) and its micro-kernel does
+//    half the FMAs, picking x through an in-register permute.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -141,8 +143,10 @@ static inline void decode_slot24(const uint8_t* p, int slot, F* d, I* idx) {
   }
 }
 
-template <ScaleType ST, bool ASYM>
+template <ScaleType ST_, bool ASYM_>
 struct Sparse24Dec {
+  static constexpr ScaleType ST = ST_;
+  static constexpr bool ASYM = ASYM_;
   F quad[4][NV];
   const uint8_t* p;  // the current quad's 48 bytes
   int64_t b, k;
@@ -482,7 +486,11 @@ static void gemv_dec_task(void* p, int64_t begin, int64_t end) {
 // C[r][j] (+)= sum_p A[r * lda + p] * B[p * NR + j] for r < MRT, j < ncols (<= NR).
 // B is one packed panel (contiguous, so it stays in L1 across the rows of A).
 // first: start from bias (or zero) instead of C.
-template <int MRT>
+// S24: B is a 2:4 panel (dequant_tile24): per quad of depth, rows [slot 0 values][slot 0 positions]
+// [slot 1 values][slot 1 positions]; each column's kept weight meets A's element at its position through
+// an in-register permute of A's quad, so half the FMAs of the dense panel (plus as many permutes, which
+// run on other ports).
+template <int MRT, bool S24>
 static void micro(const float* A, int64_t lda, const float* B, int64_t depth, float* Cm, int64_t ldc,
                   int64_t ncols, bool first, const float* bias) {
   F acc[MRT][V::NRV];
@@ -499,12 +507,27 @@ static void micro(const float* A, int64_t lda, const float* B, int64_t depth, fl
     }
     for (int j = 0; j < V::NRV; ++j) acc[r][j] = V::load(src + j * W);
   }
-  for (int64_t p = 0; p < depth; ++p) {
-    F bv[V::NRV];
-    for (int j = 0; j < V::NRV; ++j) bv[j] = V::load(B + p * NR + j * W);
-    for (int r = 0; r < MRT; ++r) {
-      F a = V::bcast(A[r * lda + p]);
-      for (int j = 0; j < V::NRV; ++j) acc[r][j] = V::fma(a, bv[j], acc[r][j]);
+  if constexpr (S24) {
+    for (int64_t p = 0; p < depth; p += 4) {
+      for (int slot = 0; slot < 2; ++slot) {
+        const float* bq = B + (p + 2 * slot) * NR;
+        F bv[V::NRV];
+        I pos[V::NRV];
+        for (int j = 0; j < V::NRV; ++j) bv[j] = V::load(bq + j * W), pos[j] = V::load_i(bq + NR + j * W);
+        for (int r = 0; r < MRT; ++r) {
+          typename V::T4 a4 = V::table4(A + r * lda + p);
+          for (int j = 0; j < V::NRV; ++j) acc[r][j] = V::fma(bv[j], V::permute4(a4, pos[j]), acc[r][j]);
+        }
+      }
+    }
+  } else {
+    for (int64_t p = 0; p < depth; ++p) {
+      F bv[V::NRV];
+      for (int j = 0; j < V::NRV; ++j) bv[j] = V::load(B + p * NR + j * W);
+      for (int r = 0; r < MRT; ++r) {
+        F a = V::bcast(A[r * lda + p]);
+        for (int j = 0; j < V::NRV; ++j) acc[r][j] = V::fma(a, bv[j], acc[r][j]);
+      }
     }
   }
   for (int r = 0; r < MRT; ++r) {
@@ -517,11 +540,11 @@ static void micro(const float* A, int64_t lda, const float* B, int64_t depth, fl
   }
 }
 
-template <int R>
+template <int R, bool S24>
 static void micro_rows(int mr, const float* A, int64_t lda, const float* B, int64_t depth, float* Cm,
                        int64_t ldc, int64_t ncols, bool first, const float* bias) {
-  if (mr == R) return micro<R>(A, lda, B, depth, Cm, ldc, ncols, first, bias);
-  if constexpr (R > 1) micro_rows<R - 1>(mr, A, lda, B, depth, Cm, ldc, ncols, first, bias);
+  if (mr == R) return micro<R, S24>(A, lda, B, depth, Cm, ldc, ncols, first, bias);
+  if constexpr (R > 1) micro_rows<R - 1, S24>(mr, A, lda, B, depth, Cm, ldc, ncols, first, bias);
 }
 
 // Panel-major tile: column j of row p lives at (j / NR) * panel_stride + p * NR + j % NR.
@@ -530,14 +553,16 @@ static inline float* panel_at(float* buf, int64_t panel_stride, int64_t p, int64
 }
 
 // Runs the micro-kernel over rows [m0, m1) and columns [0, ncols) of a panel-major tile.
+template <bool S24 = false>
 static void tile_product(const float* A, int64_t lda, int64_t m0, int64_t m1, const float* B,
                          int64_t panel_stride, int64_t depth, float* Cm, int64_t ldc, int64_t ncols,
                          bool first, const float* bias) {
-  for (int64_t m = m0; m < m1; m += V::MR) {
-    int mr = int(imin(V::MR, m1 - m));
+  constexpr int MR = S24 ? V::MR24 : V::MR;
+  for (int64_t m = m0; m < m1; m += MR) {
+    int mr = int(imin(MR, m1 - m));
     for (int64_t j = 0; j < ncols; j += NR)
-      micro_rows<V::MR>(mr, A + m * lda, lda, B + (j / NR) * panel_stride, depth, Cm + m * ldc + j, ldc,
-                        imin(NR, ncols - j), first, bias ? bias + j : nullptr);
+      micro_rows<MR, S24>(mr, A + m * lda, lda, B + (j / NR) * panel_stride, depth, Cm + m * ldc + j, ldc,
+                          imin(NR, ncols - j), first, bias ? bias + j : nullptr);
   }
 }
 
@@ -565,7 +590,29 @@ static void dequant_tile(const QView& w, int64_t b0, int64_t nbc, int64_t k0, in
   }
 }
 
-template <class Dec>
+// 2:4 tile, same size and panel stride: per quad of depth, four panel rows (see micro), the
+// positions kept as int bits (permute4 reads their low 2 bits). An unused slot holds value 0.
+template <ScaleType ST, bool ASYM>
+static void dequant_tile24(const QView& w, int64_t b0, int64_t nbc, int64_t k0, int64_t kc, float* buf) {
+  for (int64_t bi = 0; bi < nbc; ++bi) {
+    GroupState<ST, ASYM> gs;
+    const uint8_t* p = w.codes + ((b0 + bi) * (w.K / 4) + k0 / 4) * 48;
+    for (int64_t k = k0; k < k0 + kc; k += 4, p += 48) {
+      gs.at(w, b0 + bi, k);  // group sizes are multiples of 4: one group per quad
+      for (int slot = 0; slot < 2; ++slot) {
+        F d[NV];
+        I idx[NV];
+        decode_slot24(p, slot, d, idx);
+        for (int v = 0; v < NV; ++v) {
+          V::store(panel_at(buf, KC * NR, k - k0 + 2 * slot, bi * 32 + v * W), gs.value(v, d[v]));
+          V::store_i(panel_at(buf, KC * NR, k - k0 + 2 * slot + 1, bi * 32 + v * W), idx[v]);
+        }
+      }
+    }
+  }
+}
+
+template <class Dec, bool S24 = false>
 static void gemm_fwd_task(void* p, int64_t begin, int64_t end) {
   const GemmCtx& c = *static_cast<const GemmCtx*>(p);
   const QView& w = *c.w;
@@ -577,9 +624,10 @@ static void gemm_fwd_task(void* p, int64_t begin, int64_t end) {
     const int64_t m0 = (t % c.mtasks) * c.mchunk, m1 = imin(c.M, m0 + c.mchunk);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = imin(KC, K - k0);
-      dequant_tile<Dec>(w, b0, nbc, k0, kc, buf);
-      tile_product(c.a + k0, K, m0, m1, buf, KC * NR, kc, c.out + n0, N, ncols, k0 == 0,
-                   c.bias ? c.bias + n0 : nullptr);
+      if constexpr (S24) dequant_tile24<Dec::ST, Dec::ASYM>(w, b0, nbc, k0, kc, buf);
+      else dequant_tile<Dec>(w, b0, nbc, k0, kc, buf);
+      tile_product<S24>(c.a + k0, K, m0, m1, buf, KC * NR, kc, c.out + n0, N, ncols, k0 == 0,
+                        c.bias ? c.bias + n0 : nullptr);
     }
   }
   std::free(buf);
@@ -626,6 +674,9 @@ static void gemm_grad_task(void* p, int64_t begin, int64_t end) {
 // ---------------------------------------------------------------- dispatch over layout x scales
 // Kinds of task, each a template over the decoder (or, for the gemv fast paths, over ST and ASYM).
 template <class Dec> struct FwdTask { static constexpr TaskFn fn = gemm_fwd_task<Dec>; };
+template <ScaleType ST, bool A> struct FwdTask<Sparse24Dec<ST, A>> {  // 2:4: the permute micro-kernel
+  static constexpr TaskFn fn = gemm_fwd_task<Sparse24Dec<ST, A>, true>;
+};
 template <class Dec> struct GradTask { static constexpr TaskFn fn = gemm_grad_task<Dec>; };
 template <class Dec> struct GemvDecTask { static constexpr TaskFn fn = gemv_dec_task<Dec>; };
 

@@ -8,12 +8,15 @@ struct VecAvx2 {
   static constexpr int MR = 6;       // 6 x 16 micro-kernel: 12 accumulators + 2 B + 1 broadcast
   static constexpr int NRV = 2;
   static constexpr int GEMV_MR = 2;
+  static constexpr int MR24 = 4;     // 2:4 micro-kernel: 8 accumulators + 4 weight/position registers
   using F = __m256;
   using I = __m256i;
   static uint64_t pdep(uint64_t src, uint64_t mask) { return _pdep_u64(src, mask); }
   static F zero() { return _mm256_setzero_ps(); }
   static F load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static I load_i(const float* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static void store_i(float* p, I v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v); }
   static F bcast(float v) { return _mm256_set1_ps(v); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F add(F a, F b) { return _mm256_add_ps(a, b); }

@@ -8,12 +8,15 @@ struct VecAvx512 {
   static constexpr int MR = 8;       // 8 x 32 micro-kernel: 16 accumulators of 32 registers
   static constexpr int NRV = 2;
   static constexpr int GEMV_MR = 4;
+  static constexpr int MR24 = 8;     // 2:4 micro-kernel rows
   using F = __m512;
   using I = __m512i;
   static uint64_t pdep(uint64_t src, uint64_t mask) { return _pdep_u64(src, mask); }
   static F zero() { return _mm512_setzero_ps(); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  static I load_i(const float* p) { return _mm512_loadu_si512(p); }
+  static void store_i(float* p, I v) { _mm512_storeu_si512(p, v); }
   static F bcast(float v) { return _mm512_set1_ps(v); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F add(F a, F b) { return _mm512_add_ps(a, b); }

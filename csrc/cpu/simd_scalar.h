@@ -9,6 +9,7 @@ struct VecScalar {
   static constexpr int MR = 4;      // micro-kernel rows
   static constexpr int NRV = 8;     // micro-kernel vectors per row (NR = NRV * W columns)
   static constexpr int GEMV_MR = 1; // rows per pass in the small-M kernel
+  static constexpr int MR24 = 4;    // 2:4 micro-kernel rows
   using F = float;
   using I = int32_t;
   // Bit deposit (BMI2 PDEP): the low bits of src, in order, at the set bits of mask.
@@ -21,6 +22,8 @@ struct VecScalar {
   static F zero() { return 0.f; }
   static F load(const float* p) { return *p; }
   static void store(float* p, F v) { *p = v; }
+  static I load_i(const float* p) { I v; std::memcpy(&v, p, 4); return v; }  // int bits kept in a float slot
+  static void store_i(float* p, I v) { std::memcpy(p, &v, 4); }
   static F bcast(float v) { return v; }
   static F fma(F a, F b, F c) { return a * b + c; }
   static F add(F a, F b) { return a + b; }
