@@ -66,6 +66,24 @@ def req(kind, *args):
 PAIRS = [("the cat sat on the", " mat"), ("a dog ran to the", " red house"), ("the", " big blue cat sat .")]
 
 
+def mc_task_yaml(name: str, data) -> str:
+    """An lm-eval multiple-choice task (accuracy) over a local JSON-lines file of {context, choices, label}."""
+    return f"""task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+target_delimiter: " "
+metric_list:
+  - metric: acc
+"""
+
+
 @pytest.mark.parametrize("with_prompt", [False, True])
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_loglikelihood_equals_hand_sums(lm_parts, with_prompt, batch_size):
@@ -155,20 +173,7 @@ def test_simple_evaluate_on_a_local_task(lm_parts, tmp_path):
             {"context": "the big blue", "choices": ["cat", "on", "to"], "label": 0}]
     data = tmp_path / "tiny.jsonl"
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (tmp_path / "ctp_tiny_mc.yaml").write_text(f"""task: ctp_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-target_delimiter: " "
-metric_list:
-  - metric: acc
-""")
+    (tmp_path / "ctp_tiny_mc.yaml").write_text(mc_task_yaml("ctp_tiny_mc", data))
     (tmp_path / "ctp_tiny_ppl.yaml").write_text(f"""task: ctp_tiny_ppl
 dataset_path: json
 dataset_kwargs:
@@ -212,19 +217,7 @@ def test_registered_by_name_with_model_args(lm_parts, tmp_path):
     save_prompt(tmp_path / "p", prompt, model)
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"context": "the cat sat on the", "choices": ["mat", "dog"], "label": 0}) + "\n")
-    (tmp_path / "t.yaml").write_text(f"""task: ctp_tiny_named
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-""")
+    (tmp_path / "t.yaml").write_text(mc_task_yaml("ctp_tiny_named", data))
     out = lm_eval.simple_evaluate(model="ctp", model_args=f"pretrained={tmp_path / 'm'},prompt={tmp_path / 'p'}",
                                   tasks=["ctp_tiny_named"], task_manager=TaskManager(include_path=str(tmp_path)))
     lm = CTPLM(model=model, tokenizer=tok, prompt=prompt)

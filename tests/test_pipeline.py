@@ -28,11 +28,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_llama(seed=0):
+def tiny_decoder(config_cls, model_cls, seed=0, **extra):
+    """A random 2-layer Llama-shaped model (GQA 4:2) of a transformers family."""
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    cfg = config_cls(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **extra)
+    return model_cls(cfg).eval()
+
+
+def tiny_llama(seed=0):
+    return tiny_decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM, seed)
 
 
 def tiny_gpt2(seed=0):
@@ -102,33 +107,20 @@ def test_prune_only_recipe_keeps_dense_linears_with_exact_sparsity():
 
 
 def tiny_qwen2(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.Qwen2ForCausalLM(cfg).eval()
+    return tiny_decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, seed)
 
 
 def tiny_qwen3(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                   max_position_embeddings=64)
-    return transformers.Qwen3ForCausalLM(cfg).eval()
+    return tiny_decoder(transformers.Qwen3Config, transformers.Qwen3ForCausalLM, seed, head_dim=16)
 
 
 def tiny_mistral(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.MistralConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return transformers.MistralForCausalLM(cfg).eval()
+    return tiny_decoder(transformers.MistralConfig, transformers.MistralForCausalLM, seed)
 
 
 def tiny_gemma3(seed=0):
-    torch.manual_seed(seed)
-    cfg = transformers.Gemma3TextConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                        max_position_embeddings=64, sliding_window=16)
-    return transformers.Gemma3ForCausalLM(cfg).eval()
+    return tiny_decoder(transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM, seed, head_dim=16,
+                        sliding_window=16)
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_opt, tiny_qwen2, tiny_qwen3, tiny_mistral, tiny_gemma3],
