@@ -122,6 +122,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    stages: dict[str, float] = {}  # seconds per stage, in order
+
+    def stage_done(name: str):
+        stages[name] = time.time() - t0 - sum(stages.values())
+        log.info("demo: %s took %.0f s", name, stages[name])
+
     torch.manual_seed(cfg.seed)
     dense, tok = load_model(cfg.model)
     bos = "gemma" in type(dense).__name__.lower()
@@ -129,8 +135,8 @@ def run_demo(cfg: DemoConfig) -> dict:
              for c in CORPORA}
     train = token_windows(tok, corpus_split("wiki", "train", cfg.seed), cfg.train_seqlen, bos=bos,
                           max_windows=max(cfg.steps * cfg.batch_size, 64))
-    val = token_windows(tok, corpus_split("wiki", "val", cfg.seed), cfg.train_seqlen, bos=bos,
-                        max_windows=max(4, cfg.eval_windows * 2))
+    val = token_windows(tok, corpus_split("wiki", "val", cfg.seed), cfg.train_seqlen, bos=bos,  # half the test tokens
+                        max_windows=max(4, cfg.eval_windows * cfg.eval_seqlen // (2 * cfg.train_seqlen)))
     cloze_set = cloze_examples(tok, corpus_split("wiki", "test", cfg.seed), cfg.cloze, bos=bos)
     calib = token_windows(tok, corpus_split("wiki", "train", cfg.seed + 1), cfg.calib_seqlen, cfg.calib_windows, bos=bos)
 
@@ -139,6 +145,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 for c, w in evals.items()}
 
     rows = {"dense": {"loss": losses(dense, label="dense")}}
+    stage_done("load and evaluate dense")
     models = {}
     for name, spec in RECIPES.items():
         model = copy.deepcopy(dense)
@@ -148,15 +155,18 @@ def run_demo(cfg: DemoConfig) -> dict:
         save_compressed(model, out / f"model-{name.replace(':', '-').replace('%', 'pct')}", tok,
                         extra={"recipe": rep.recipe})
         rows[name] = {"loss": losses(model, label=name), "compress_s": rep.seconds}
+        stage_done(f"compress and evaluate {name}")
     source = "int4+50%"
     tcfg = TuneConfig(n_tokens=cfg.n_tokens, steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
                       lr=cfg.lr, seed=cfg.seed)
     result = tune(models[source], train, val, tcfg, out_dir=out / "prompt", test_windows=evals["wiki"],
                   metadata={"model": cfg.model, "compression": RECIPES[source], "corpus": "wiki"})
     prompt = result.prompt
+    stage_done("tune the prompt")
     rows[source + " + prompt"] = {"loss": losses(models[source], prompt, f"{source}+prompt")}
     rows["int4+2:4 + prompt (transfer)"] = {"loss": losses(models["int4+2:4"], prompt, "int4+2:4+prompt")}
     rows["dense + prompt (transfer)"] = {"loss": losses(dense, prompt, "dense+prompt")}
+    stage_done("evaluate the prompt and its transfer")
 
     # cloze, bytes, speed
     for name, model, p in [("dense", dense, None), (source, models[source], None),
@@ -165,6 +175,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for name, model in [("dense", dense), *models.items()]:
         rows[name]["bytes"], rows[name]["bytes_fp32"] = linear_bytes(model)
         rows[name]["prefill_tok_s"], rows[name]["decode_tok_s"] = tokens_per_second(model, tok)
+    stage_done("cloze, bytes, tokens per second")
 
     # peak memory of tuning: packed checkpoint vs dense fp32, same batch and length, fresh processes
     packed_dir = str(out / "model-int4+50pct")
@@ -174,9 +185,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     mem["weights_saved_mib"] = (rows["dense"]["bytes"] - rows[source]["bytes"]) / 2**20
     mem["peak_saved_mib"] = mem["dense_fp32_mib"] - mem["packed_mib"]
     mem["share_of_weight_saving"] = mem["peak_saved_mib"] / mem["weights_saved_mib"]
+    stage_done("peak memory of tuning")
 
     report = {"config": asdict(cfg), "rows": rows, "memory": mem, "tune": result.to_dict(),
-              "seconds": time.time() - t0}
+              "seconds": time.time() - t0, "stage_seconds": stages}
     write_json(out / "report.json", report)
     text = render(report)
     write_text(out / "report.md", text)
@@ -218,7 +230,8 @@ def render(report: dict) -> str:
               f"dense fp32 {mem['dense_fp32_mib']:.0f} MiB, packed int4+50% {mem['packed_mib']:.0f} MiB; "
               f"saved {mem['peak_saved_mib']:.0f} MiB = {100 * mem['share_of_weight_saving']:.0f}% of the "
               f"{mem['weights_saved_mib']:.0f} MiB of weights compression saved.",
-              "", f"Total time {report['seconds'] / 60:.1f} min."]
+              "", f"Total time {report['seconds'] / 60:.1f} min ("
+              + ", ".join(f"{k} {v / 60:.1f}" for k, v in report.get("stage_seconds", {}).items()) + ")."]
     return "\n".join(lines) + "\n"
 
 

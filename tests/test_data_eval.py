@@ -93,3 +93,26 @@ def test_tuning_peak_runs_a_fresh_process_with_a_fixed_mmap_threshold(monkeypatc
     assert cmd[0] == sys.executable and cmd[3:] == ["some/dir", "4", "128", "3", "packed"]
     # glibc's dynamic threshold would keep freed activations resident and blur the comparison
     assert kw["env"]["MALLOC_MMAP_THRESHOLD_"] == "131072" and kw["check"]
+
+
+def test_demo_report_gap_recovered_and_stage_times():
+    from ctp_fast import demo
+
+    def losses(wiki, other):
+        return {"loss": {"wiki": wiki, "wikixml": other, "news": other}}
+    rows = {"dense": losses(2.0, 3.0), "int4+50%": losses(3.0, 4.0), "int4+2:4": losses(4.0, 3.0),
+            "int4+50% + prompt": losses(2.5, 3.75), "int4+2:4 + prompt (transfer)": losses(4.5, 2.9),
+            "dense + prompt (transfer)": losses(1.9, 3.1)}
+    assert demo.gap(rows, "int4+50%", "int4+50% + prompt", "wiki") == pytest.approx(0.5)
+    assert demo.gap(rows, "int4+50%", "int4+50% + prompt", "news") == pytest.approx(0.25)
+    assert demo.gap(rows, "int4+2:4", "int4+2:4 + prompt (transfer)", "wiki") == pytest.approx(-0.25)
+    assert demo.gap(rows, "int4+2:4", "int4+2:4 + prompt (transfer)", "news") is None  # no gap to recover
+    mem = {"batch": 1, "seqlen": 512, "dense_fp32_mib": 900.0, "packed_mib": 500.0, "peak_saved_mib": 400.0,
+           "share_of_weight_saving": 1.1, "weights_saved_mib": 363.6}
+    cfg = {"model": "m", "quick": False, "eval_windows": 8, "eval_seqlen": 512, "n_tokens": 100, "steps": 140}
+    text = demo.render({"rows": rows, "config": cfg, "memory": mem, "seconds": 600.0,
+                        "stage_seconds": {"tune the prompt": 420.0, "the rest": 180.0}})
+    assert "| int4+50% | 50.0% | 25.0% | 25.0% |" in text
+    assert "| int4+2:4 | -25.0% | n/a | n/a |" in text
+    assert "| dense (loss change) | -0.100 | +0.100 | +0.100 |" in text
+    assert "Total time 10.0 min (tune the prompt 7.0, the rest 3.0)." in text
