@@ -95,15 +95,18 @@ static CTP_INLINE void decode4_signed(const uint8_t* p, F* d) {
   }
 }
 
-// 3-bit codes of one 12-byte column: row i at bits 3i..3i+2 of the little-endian stream.
+// 3-bit codes of one 12-byte column: row i at bits 3i..3i+2 of the little-endian stream. Rows
+// 8j..8j+7 are the 24 bits of bytes 3j..3j+2; a PDEP spreads them over 8 bytes, one code per byte.
 static inline void decode3(const uint8_t* p, F* d) {
-  alignas(64) uint8_t q[32];
-  for (int i = 0; i < 32; ++i) {
-    const int bit = 3 * i, byte = bit >> 3, sh = bit & 7;
-    unsigned two = p[byte] | (byte + 1 < 12 ? unsigned(p[byte + 1]) << 8 : 0u);
-    q[i] = uint8_t((two >> sh) & 7);
+  alignas(64) uint64_t q[4];
+  for (int j = 0; j < 4; ++j) {
+    // 4-byte loads kept inside the column (the last group is bytes 8..11 shifted down; PDEP ignores
+    // the bits above 24). Loading 3 bytes into a stack word instead stalls on store forwarding.
+    uint32_t bits;
+    std::memcpy(&bits, p + (j < 3 ? 3 * j : 8), 4);
+    q[j] = V::pdep(j < 3 ? bits : bits >> 8, 0x0707070707070707ull);
   }
-  for (int v = 0; v < NV; ++v) d[v] = V::load_u8_float(q + v * W);
+  for (int v = 0; v < NV; ++v) d[v] = V::load_u8_float(reinterpret_cast<const uint8_t*>(q) + v * W);
 }
 
 // ---------------------------------------------------------------- column decoders
