@@ -1,0 +1,71 @@
+"""How much of the compression gap the demo's prompt recovers as tuning runs longer (issue 5).
+
+Takes the int4+50% checkpoint a `ctp demo` run wrote, tunes a prompt with the demo's settings (100 tokens,
+batch 4 x 128 wiki train tokens, best by wiki validation loss) for several step counts, each a full run
+with its own cosine schedule, and reports the wiki test loss (the demo's 8 x 512 test windows) and the gap
+recovered, (loss_compressed - loss_prompted) / (loss_compressed - loss_dense), beside tuning time.
+
+    python benchmarks/recovery_vs_steps.py --model runs/demo/model-int4+50pct [--steps 150,600]
+
+Writes benchmarks/results/recovery_vs_steps.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's ctp_fast
+
+from ctp_fast.checkpoint import load_compressed
+from ctp_fast.data import corpus_split, load_model, token_windows
+from ctp_fast.demo import DemoConfig
+from ctp_fast.eval import perplexity
+from ctp_fast.fileio import write_json, write_text
+from ctp_fast.prompt import TuneConfig, tune
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="runs/demo/model-int4+50pct", help="the demo's int4+50%% checkpoint")
+    ap.add_argument("--steps", default="150,600", help="comma-separated step counts, one tuning run each")
+    ap.add_argument("--out", default=str(OUT / "recovery_vs_steps"))
+    args = ap.parse_args(argv)
+    cfg = DemoConfig()
+    dense, tok = load_model(cfg.model)
+    model = load_compressed(args.model)
+    test = token_windows(tok, corpus_split("wiki", "test", cfg.seed), cfg.eval_seqlen, cfg.eval_windows)
+    val = token_windows(tok, corpus_split("wiki", "val", cfg.seed), cfg.train_seqlen,
+                        max_windows=max(4, cfg.eval_windows * cfg.eval_seqlen // (2 * cfg.train_seqlen)))
+    ld = perplexity(dense, test, 4).loss
+    lc = perplexity(model, test, 4).loss
+    rows = []
+    for steps in [int(s) for s in args.steps.split(",")]:
+        train = token_windows(tok, corpus_split("wiki", "train", cfg.seed), cfg.train_seqlen,
+                              max_windows=steps * cfg.batch_size)
+        tcfg = TuneConfig(n_tokens=cfg.n_tokens, steps=steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
+                          seed=cfg.seed)
+        t = time.perf_counter()
+        result = tune(model, train, val, tcfg, test_windows=test)
+        rows.append({"steps": steps, "train_tokens": steps * cfg.batch_size * cfg.train_seqlen,
+                     "windows_available": len(train), "seconds": time.perf_counter() - t,
+                     "best_step": result.best_step, "test_loss": result.test_loss,
+                     "gap_recovered": (lc - result.test_loss) / (lc - ld)})
+        print(rows[-1], flush=True)
+    report = {"model": args.model, "dense_loss": ld, "compressed_loss": lc, "rows": rows}
+    write_json(Path(args.out + ".json"), report)
+    lines = ["# Gap recovered on wiki test against tuning steps (demo settings, int4+50% SmolLM2-135M)", "",
+             f"Dense test loss {ld:.4f}, int4+50% {lc:.4f} (8 x 512 wiki test tokens). Each row is its own run.", "",
+             "| steps | train tokens | tuning min | best step | test loss | gap recovered |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['steps']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | {r['best_step']} | "
+              f"{r['test_loss']:.4f} | {100 * r['gap_recovered']:.1f}% |" for r in rows]
+    write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
