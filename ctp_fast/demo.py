@@ -122,11 +122,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    stages: dict[str, float] = {}  # seconds per stage, in order
+    stages: list[tuple[str, float]] = []  # (stage, seconds) in order (a list: report.json sorts dict keys)
 
     def stage_done(name: str):
-        stages[name] = time.time() - t0 - sum(stages.values())
-        log.info("demo: %s took %.0f s", name, stages[name])
+        stages.append((name, time.time() - t0 - sum(s for _, s in stages)))
+        log.info("demo: %s took %.0f s", name, stages[-1][1])
 
     torch.manual_seed(cfg.seed)
     dense, tok = load_model(cfg.model)
@@ -231,7 +231,7 @@ def render(report: dict) -> str:
               f"saved {mem['peak_saved_mib']:.0f} MiB = {100 * mem['share_of_weight_saving']:.0f}% of the "
               f"{mem['weights_saved_mib']:.0f} MiB of weights compression saved.",
               "", f"Total time {report['seconds'] / 60:.1f} min ("
-              + ", ".join(f"{k} {v / 60:.1f}" for k, v in report.get("stage_seconds", {}).items()) + ")."]
+              + ", ".join(f"{k} {v / 60:.1f}" for k, v in report.get("stage_seconds", [])) + ")."]
     return "\n".join(lines) + "\n"
 
 

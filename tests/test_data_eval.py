@@ -111,7 +111,7 @@ def test_demo_report_gap_recovered_and_stage_times():
            "share_of_weight_saving": 1.1, "weights_saved_mib": 363.6}
     cfg = {"model": "m", "quick": False, "eval_windows": 8, "eval_seqlen": 512, "n_tokens": 100, "steps": 140}
     text = demo.render({"rows": rows, "config": cfg, "memory": mem, "seconds": 600.0,
-                        "stage_seconds": {"tune the prompt": 420.0, "the rest": 180.0}})
+                        "stage_seconds": [["tune the prompt", 420.0], ["the rest", 180.0]]})
     assert "| int4+50% | 50.0% | 25.0% | 25.0% |" in text
     assert "| int4+2:4 | -25.0% | n/a | n/a |" in text
     assert "| dense (loss change) | -0.100 | +0.100 | +0.100 |" in text
