@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 from ctp_fast.compress.pipeline import Recipe, compress
 from ctp_fast.data import corpus_split, load_model, token_windows
-from ctp_fast.eval import perplexity
+from ctp_fast.eval import gap_recovered, perplexity
 from ctp_fast.fileio import write_json, write_text
 from ctp_fast.prompt import TuneConfig, save_prompt, tune
 from ctp_fast.prompt.bridge import bridge_prompt, fit_bridge, same_norm_random
@@ -107,10 +107,9 @@ def main(argv=None) -> dict:
     tgt["direct prompt (tuned on target)"] = t_direct.test_loss
 
     def rows(losses):
-        gap = losses["compressed"] - losses["dense"]
         return {k: {"loss": v, "ppl": math.exp(v),
-                    "gap_recovered": None if k in ("dense", "compressed") or gap <= 0 else
-                    (losses["compressed"] - v) / gap} for k, v in losses.items()}
+                    "gap_recovered": None if k in ("dense", "compressed") else
+                    gap_recovered(losses["compressed"], v, losses["dense"])} for k, v in losses.items()}
 
     stats = {k: v for k, v in bridge.stats.items() if k != "candidates"}
     result = {"args": vars(args), "recipe": recipe, "seconds": time.time() - started,

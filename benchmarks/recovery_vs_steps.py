@@ -12,6 +12,7 @@ Writes benchmarks/results/recovery_vs_steps.{json,md}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -19,13 +20,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's ctp_fast
 
 from ctp_fast.checkpoint import load_compressed
-from ctp_fast.data import corpus_split, load_model, token_windows
-from ctp_fast.demo import DemoConfig
-from ctp_fast.eval import perplexity
+from ctp_fast.data import load_model
+from ctp_fast.demo import DemoConfig, test_windows, tuning_windows
+from ctp_fast.eval import gap_recovered, perplexity
 from ctp_fast.fileio import write_json, write_text
-from ctp_fast.prompt import TuneConfig, tune
+from ctp_fast.prompt import tune
 
 OUT = Path(__file__).resolve().parent / "results"
+
+
+def percent(share: float | None) -> str:
+    return "n/a (no gap)" if share is None else f"{100 * share:.1f}%"
 
 
 def main(argv=None) -> int:
@@ -37,23 +42,19 @@ def main(argv=None) -> int:
     cfg = DemoConfig()
     dense, tok = load_model(cfg.model)
     model = load_compressed(args.model)
-    test = token_windows(tok, corpus_split("wiki", "test", cfg.seed), cfg.eval_seqlen, cfg.eval_windows)
-    val = token_windows(tok, corpus_split("wiki", "val", cfg.seed), cfg.train_seqlen,
-                        max_windows=max(4, cfg.eval_windows * cfg.eval_seqlen // (2 * cfg.train_seqlen)))
+    test = test_windows(cfg, tok, "wiki")
     ld = perplexity(dense, test, 4).loss
     lc = perplexity(model, test, 4).loss
     rows = []
     for steps in [int(s) for s in args.steps.split(",")]:
-        train = token_windows(tok, corpus_split("wiki", "train", cfg.seed), cfg.train_seqlen,
-                              max_windows=steps * cfg.batch_size)
-        tcfg = TuneConfig(n_tokens=cfg.n_tokens, steps=steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
-                          seed=cfg.seed)
+        run = dataclasses.replace(cfg, steps=steps)
+        train, val = tuning_windows(run, tok)
         t = time.perf_counter()
-        result = tune(model, train, val, tcfg, test_windows=test)
+        result = tune(model, train, val, run.tune_config(), test_windows=test)
         rows.append({"steps": steps, "train_tokens": steps * cfg.batch_size * cfg.train_seqlen,
                      "windows_available": len(train), "seconds": time.perf_counter() - t,
                      "best_step": result.best_step, "test_loss": result.test_loss,
-                     "gap_recovered": (lc - result.test_loss) / (lc - ld)})
+                     "gap_recovered": gap_recovered(lc, result.test_loss, ld)})
         print(rows[-1], flush=True)
     report = {"model": args.model, "dense_loss": ld, "compressed_loss": lc, "rows": rows}
     write_json(Path(args.out + ".json"), report)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
              f"Dense test loss {ld:.4f}, int4+50% {lc:.4f} (8 x 512 wiki test tokens). Each row is its own run.", "",
              "| steps | train tokens | tuning min | best step | test loss | gap recovered |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['steps']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | {r['best_step']} | "
-              f"{r['test_loss']:.4f} | {100 * r['gap_recovered']:.1f}% |" for r in rows]
+              f"{r['test_loss']:.4f} | {percent(r['gap_recovered'])} |" for r in rows]
     write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

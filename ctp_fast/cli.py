@@ -142,7 +142,7 @@ def cmd_transfer(args) -> int:
     """Source prompt x target model matrix: perplexity and gap recovered (in test loss). A target of another
     width (another model) gets the prompt through an embedding bridge (--bridge), and its own windows."""
     from .data import corpus_split, token_windows
-    from .eval import perplexity
+    from .eval import gap_recovered, perplexity
     from .prompt import load_prompt
     from .prompt.bridge import prompt_for_model
 
@@ -184,8 +184,9 @@ def cmd_transfer(args) -> int:
             lc, ld = loss(model, tok, None, c), base(model, c)
             for pname, prompt in ready.items():
                 lp = loss(model, tok, prompt, c)
-                rec = ("n/a (no dense)" if ld is None else "n/a (no gap)" if lc <= ld
-                       else f"{100 * (lc - lp) / (lc - ld):.1f}%")
+                share = None if ld is None else gap_recovered(lc, lp, ld)
+                rec = ("n/a (no dense)" if ld is None else "n/a (no gap)" if share is None
+                       else f"{100 * share:.1f}%")
                 dense_ppl = "n/a" if ld is None else f"{math.exp(ld):.3f}"
                 print(f"{pname[-28:]:28} {tname:14} {c:8} {math.exp(lp):9.3f} {math.exp(lc):10.3f} "
                       f"{dense_ppl:>8} {rec:>14}")

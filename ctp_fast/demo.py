@@ -27,7 +27,7 @@ import torch
 from .checkpoint import save_compressed
 from .compress.pipeline import Recipe, compress
 from .data import corpus_split, load_model, local_model_dir, token_windows
-from .eval import cloze_accuracy, cloze_examples, perplexity
+from .eval import cloze_accuracy, cloze_examples, gap_recovered, perplexity
 from .fileio import write_json, write_text
 from .nn.compressed_linear import linear_bytes
 
@@ -55,6 +55,12 @@ class DemoConfig:
     lr: float | None = None
     cloze: int = 100
     seed: int = 0
+
+    def tune_config(self):
+        """The prompt-tuning settings (a ctp_fast.prompt.TuneConfig) this demo config stands for."""
+        from .prompt import TuneConfig
+        return TuneConfig(n_tokens=self.n_tokens, steps=self.steps, batch_size=self.batch_size,
+                          eval_every=self.eval_every, lr=self.lr, seed=self.seed)
 
     @classmethod
     def quick_config(cls, **kw) -> "DemoConfig":
@@ -116,8 +122,22 @@ def tuning_peak_mib(path: str, kind: str, batch: int, seqlen: int, steps: int = 
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mib"]
 
 
+def test_windows(cfg: DemoConfig, tok, corpus: str, bos: bool = False) -> torch.Tensor:
+    """The test windows every setting is scored on."""
+    return token_windows(tok, corpus_split(corpus, "test", cfg.seed), cfg.eval_seqlen, cfg.eval_windows, bos=bos)
+
+
+def tuning_windows(cfg: DemoConfig, tok, bos: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, val) wiki windows the prompt is tuned and selected on; val holds half the test tokens."""
+    train = token_windows(tok, corpus_split("wiki", "train", cfg.seed), cfg.train_seqlen, bos=bos,
+                          max_windows=max(cfg.steps * cfg.batch_size, 64))
+    val = token_windows(tok, corpus_split("wiki", "val", cfg.seed), cfg.train_seqlen, bos=bos,
+                        max_windows=max(4, cfg.eval_windows * cfg.eval_seqlen // (2 * cfg.train_seqlen)))
+    return train, val
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    from .prompt import TuneConfig, tune
+    from .prompt import tune
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -131,12 +151,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     torch.manual_seed(cfg.seed)
     dense, tok = load_model(cfg.model)
     bos = "gemma" in type(dense).__name__.lower()
-    evals = {c: token_windows(tok, corpus_split(c, "test", cfg.seed), cfg.eval_seqlen, cfg.eval_windows, bos=bos)
-             for c in CORPORA}
-    train = token_windows(tok, corpus_split("wiki", "train", cfg.seed), cfg.train_seqlen, bos=bos,
-                          max_windows=max(cfg.steps * cfg.batch_size, 64))
-    val = token_windows(tok, corpus_split("wiki", "val", cfg.seed), cfg.train_seqlen, bos=bos,  # half the test tokens
-                        max_windows=max(4, cfg.eval_windows * cfg.eval_seqlen // (2 * cfg.train_seqlen)))
+    evals = {c: test_windows(cfg, tok, c, bos) for c in CORPORA}
+    train, val = tuning_windows(cfg, tok, bos)
     cloze_set = cloze_examples(tok, corpus_split("wiki", "test", cfg.seed), cfg.cloze, bos=bos)
     calib = token_windows(tok, corpus_split("wiki", "train", cfg.seed + 1), cfg.calib_seqlen, cfg.calib_windows, bos=bos)
 
@@ -157,9 +173,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         rows[name] = {"loss": losses(model, label=name), "compress_s": rep.seconds}
         stage_done(f"compress and evaluate {name}")
     source = "int4+50%"
-    tcfg = TuneConfig(n_tokens=cfg.n_tokens, steps=cfg.steps, batch_size=cfg.batch_size, eval_every=cfg.eval_every,
-                      lr=cfg.lr, seed=cfg.seed)
-    result = tune(models[source], train, val, tcfg, out_dir=out / "prompt", test_windows=evals["wiki"],
+    result = tune(models[source], train, val, cfg.tune_config(), out_dir=out / "prompt", test_windows=evals["wiki"],
                   metadata={"model": cfg.model, "compression": RECIPES[source], "corpus": "wiki"})
     prompt = result.prompt
     stage_done("tune the prompt")
@@ -199,8 +213,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 def gap(rows, target: str, tuned: str, corpus: str) -> float | None:
     """(loss_compressed - loss_prompted) / (loss_compressed - loss_dense), in test loss."""
-    lc, lp, ld = rows[target]["loss"][corpus], rows[tuned]["loss"][corpus], rows["dense"]["loss"][corpus]
-    return None if lc - ld <= 0 else (lc - lp) / (lc - ld)
+    return gap_recovered(rows[target]["loss"][corpus], rows[tuned]["loss"][corpus], rows["dense"]["loss"][corpus])
 
 
 def render(report: dict) -> str:

@@ -71,3 +71,11 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, prompt=None, p
     for t, k in zip(totals.tolist(), tokens.tolist()):
         total = total + NLL(t, k)
     return total
+
+
+def gap_recovered(loss_compressed: float, loss_prompted: float, loss_dense: float) -> float | None:
+    """Share of the compression gap a prompt recovers, in test loss (log perplexity, which does not flatter
+    huge perplexities): (loss_compressed - loss_prompted) / (loss_compressed - loss_dense); None when
+    compression cost nothing (no gap to recover)."""
+    gap = loss_compressed - loss_dense
+    return None if gap <= 0 else (loss_compressed - loss_prompted) / gap
