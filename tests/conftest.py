@@ -29,24 +29,25 @@ def isa(request):
         ctp_fast.set_isa(previous)
 
 
+def _single_intra_op_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op thread. On this shared 2-core machine, 2 OpenMP threads spin-wait on each other when
     other jobs run (the kernel tests go from ~20 s to ~150 s). The parallel path is tested explicitly
     with `two_threads`."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    yield from _single_intra_op_thread()
 
 
 @pytest.fixture(scope="module")
 def one_thread_per_module():
     """`one_thread` for a whole test module (its tiny models make thread hand-offs the main cost)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    yield from _single_intra_op_thread()
 
 
 @pytest.fixture

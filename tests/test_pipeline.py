@@ -20,12 +20,7 @@ from ctp_fast.compress.pipeline import Recipe, compress, decoder_layers  # noqa:
 from ctp_fast.data import token_windows  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_decoder(config_cls, model_cls, seed=0, **extra):
