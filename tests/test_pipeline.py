@@ -101,6 +101,50 @@ def test_prune_only_recipe_keeps_dense_linears_with_exact_sparsity():
     assert (lin.weight == 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)
 
 
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_stage_calibration_has_the_full_pass_statistics(monkeypatch, true_sequential):
+    """A stage's calibration pass stops early, yet its statistics are those of a full pass of the block
+    as it stands (earlier stages already compressed); the linears of a q/k/v-like stage share one."""
+    from ctp_fast.compress.layer import HessianAccumulator
+
+    calibrate, checked = pipeline._calibrate, []
+
+    def checking(block, stage, linears, inputs, shared, device):
+        stats = calibrate(block, stage, linears, inputs, shared, device)
+        full = {n: HessianAccumulator(linears[n].in_features) for n in stage}
+        hooks = [block.get_submodule(n).register_forward_pre_hook(
+            lambda m, args, n=n: full[n].add(args[0].float())) for n in stage]
+        pipeline._run_block(block, inputs)
+        for h in hooks:
+            h.remove()
+        for n in stage:
+            torch.testing.assert_close(stats[n].hessian(), full[n].hessian(), rtol=0, atol=0)
+        checked.append((stage, len({id(stats[n]) for n in stage})))
+        return stats
+
+    monkeypatch.setattr(pipeline, "_calibrate", checking)
+    compress(tiny_llama(), Recipe(method="gptq", bits=4, group_size=32, true_sequential=true_sequential), CALIB,
+             batch_size=4, progress=False)
+    if true_sequential:
+        assert checked[:4] == [(["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], 1),
+                               (["self_attn.o_proj"], 1), (["mlp.gate_proj", "mlp.up_proj"], 1), (["mlp.down_proj"], 1)]
+    else:
+        assert len(checked) == 2 and checked[0][1] == 7
+
+
+def test_true_sequential_stages_run_the_block_only_up_to_their_linears():
+    model = tiny_llama()
+    calls = {}
+    for name, mod in decoder_layers(model)[0].named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            mod.register_forward_pre_hook(lambda m, a, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    compress(model, Recipe(method="gptq", bits=4, group_size=32), CALIB, batch_size=4, progress=False)
+    batches = len(CALIB) // 4
+    # the dense o_proj and down_proj see one probe batch (grouping the stages) and their own stage's
+    # pass: the q/k/v stage stops at q_proj's input, o's stage at o_proj's (then both are compressed)
+    assert calls["self_attn.o_proj"] == calls["mlp.down_proj"] == 1 + batches
+
+
 def tiny_qwen2(seed=0):
     return tiny_decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, seed)
 

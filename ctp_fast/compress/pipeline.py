@@ -174,6 +174,42 @@ def _run_block(block, inputs):
     return outs
 
 
+def _calibrate(block, stage, linears, inputs, shared: bool, device):
+    """Input statistics (HessianAccumulator) of each linear of `stage`, over all calibration batches.
+
+    shared: the stage's linears take the same input tensor (a true-sequential stage), so they share one
+    accumulator. Each batch's forward stops as soon as every linear of the stage has had its input: the
+    rest of the block is not needed (for the q/k/v stage, nothing after the input norm runs)."""
+    from .layer import HessianAccumulator
+
+    if shared:
+        acc = HessianAccumulator(linears[stage[0]].in_features, device=device)
+        stats = {n: acc for n in stage}
+    else:
+        stats = {n: HessianAccumulator(linears[n].in_features, device=device) for n in stage}
+    pending: set[str] = set()
+
+    def hook(module, args, n):
+        if n in pending:
+            stats[n].add(args[0].detach().float())
+            pending.difference_update(stage if shared else (n,))
+            if not pending:
+                raise _Stop
+
+    hooks = [block.get_submodule(n).register_forward_pre_hook(lambda m, args, n=n: hook(m, args, n)) for n in stage]
+    try:
+        for hidden, kwargs in inputs:
+            pending.update(stage)
+            try:
+                block(hidden, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
 def _stages(block, names, inputs):
     """Groups the block's linears by shared input, in execution order (q/k/v | o | gate/up | down)."""
     seen: dict[str, torch.Tensor] = {}  # the inputs are held, so no two distinct ones share an address
@@ -259,8 +295,6 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, batch_size: int
     into `n_windows` windows of `seqlen` tokens. device: where each block is calibrated and compressed
     (None: where the model is); with offload, each finished block goes back to where it came from, so
     `device` holds one block at a time (see the module docstring). Returns a report of sizes."""
-    from .layer import HessianAccumulator
-
     if isinstance(calibration, (str, list)):
         from ..data.corpora import token_windows
 
@@ -306,19 +340,11 @@ def compress(model: nn.Module, recipe: Recipe, calibration=None, batch_size: int
         if device is not None:
             block.to(device)
         with torch.no_grad():
-            stages = _stages(block, names, inputs) if (inputs and recipe.true_sequential) else [names]
+            sequential = bool(inputs) and recipe.true_sequential
+            stages = _stages(block, names, inputs) if sequential else [names]
             for stage in stages:
                 linears = {n: _as_linear(block.get_submodule(n)) for n in stage}
-                stats = {}
-                if inputs:
-                    stats = {n: HessianAccumulator(linears[n].in_features, device=device) for n in stage}
-                    hooks = [block.get_submodule(n).register_forward_pre_hook(
-                        lambda m, args, n=n: stats[n].add(args[0].detach().float()) and None) for n in stage]
-                    try:
-                        _run_block(block, inputs)
-                    finally:
-                        for h in hooks:
-                            h.remove()
+                stats = _calibrate(block, stage, linears, inputs, shared=sequential, device=device) if inputs else {}
                 for n in stage:
                     bar.set_postfix_str(n)
                     result = compress_layer(linears[n], recipe, stats.get(n))
