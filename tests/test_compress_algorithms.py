@@ -218,6 +218,41 @@ def test_gptq_dead_columns():
     assert out_err(X, W, res.weight) < out_err(X, W, rtn(W).weight)
 
 
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 17), (128, 96)])
+def test_drop_lowest_picks_what_a_stable_sort_picks(shape, ties):
+    from ctp_fast.compress.magnitude import drop_lowest
+
+    score = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape))).abs()
+    if ties:
+        score = (score * 2).round()  # many equal scores, zeros included
+    n = score.numel()
+    for drop in sorted({0, 1, n // 3, n // 2, n - 1, n}):
+        want = torch.ones(n, dtype=torch.bool)
+        want[torch.argsort(score.flatten(), stable=True)[:drop]] = False
+        got = drop_lowest(score, drop)
+        assert got.shape == score.shape and torch.equal(got.flatten(), want), drop
+
+
+@pytest.mark.parametrize("k", [1, 7, 96, 301])
+def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(k):
+    from ctp_fast.compress.layer import inverse_hessian_factor
+
+    X = torch.randn(2 * k + 5, k, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+    H = X.T @ X
+    H[:, 0] = H[0, :] = 0  # a dead column: H_00 becomes 1 before dampening
+    U, dead = inverse_hessian_factor(H, 0.01)
+    Hd = H.clone()
+    Hd[0, 0] = 1.0
+    Hd.diagonal().add_(0.01 * Hd.diagonal().mean())
+    assert dead.tolist() == [True] + [False] * (k - 1)
+    assert torch.equal(U, U.triu()) and (U.diagonal() > 0).all()
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(Hd), rtol=1e-9, atol=1e-9)
+    if k > 1:
+        with pytest.raises(ValueError, match="not positive definite"):
+            inverse_hessian_factor(-Hd, 0.0)
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("sparsity", [0.5, "2:4"])
 def test_prune_then_gptq_keeps_mask(sparsity, act_order):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..formats.base import SCALE_DTYPES, check_weight, quantize
-from .magnitude import nm_mask, parse_sparsity
+from .magnitude import drop_lowest, nm_mask, parse_sparsity
 
 BITS = (3, 4, 8)
 
@@ -282,7 +282,7 @@ def fit_grid(w: torch.Tensor, bits: int, symmetric: bool, keep: torch.Tensor | N
 
 def quantize_on_grid(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Round-to-nearest codes (float) of w on the grid (scale, zero), broadcasting."""
-    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    return torch.div(w, scale).round_().add_(zero).clamp_(0, maxq)
 
 
 def dequantize(codes, scales, zeros, group_size: int, bits: int, mask=None, perm=None) -> torch.Tensor:
@@ -323,13 +323,15 @@ def inverse_hessian_factor(H: torch.Tensor, damp: float, perm: torch.Tensor | No
     if perm is not None:
         H = H[perm][:, perm]
     torch.diagonal(H).add_(damp * torch.diagonal(H).mean())
-    L, info = torch.linalg.cholesky_ex(H)
+    # With J the order reversal and J H J = L L^T: H^-1 = (J L^-T J)(J L^-1 J), and U = J L^-1 J is
+    # upper triangular: one Cholesky and one triangular inverse instead of inverting H and factoring H^-1.
+    L, info = torch.linalg.cholesky_ex(H.flip(0, 1))
     if info.item() != 0:
-        raise ValueError(f"H: not positive definite after dampening with damp={damp} (leading minor "
-                         f"{info.item()} fails); pass a larger damp or check the calibration statistics")
+        raise ValueError(f"H: not positive definite after dampening with damp={damp} (a trailing minor "
+                         f"fails); pass a larger damp or check the calibration statistics")
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)  # H^-1 = cholesky_solve(I)
-    if info.item() != 0:
+    U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+    if not torch.isfinite(U).all():
         raise ValueError(f"H: its inverse is numerically singular with damp={damp}; pass a larger damp")
     return U, dead
 
@@ -384,17 +386,14 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, *, bits: int | None, group_size:
     scale = zero = None
     masked = mask is not None or kind is not None
     zero_col = torch.zeros(n, device=W.device)
+    d_list = d.tolist()  # Python floats (exact fp32 values): no 0-d tensor per column
 
     def provisional_keep(cur, j):
         """Which of cur = current weights of columns j.. the active rule would keep now."""
         score = cur ** 2 / d[j:j + cur.shape[1]] ** 2
         if kind == "nm":
             return nm_mask(score, *arg)
-        drop = int(score.numel() * arg)
-        out = torch.ones(score.numel(), dtype=torch.bool, device=W.device)
-        if drop:
-            out[torch.argsort(score.flatten(), stable=True)[:drop]] = False
-        return out.view_as(score)
+        return drop_lowest(score, int(score.numel() * arg))
 
     for i1 in range(0, k, block_size):
         i2 = min(i1 + block_size, k)
@@ -404,11 +403,7 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, *, bits: int | None, group_size:
         U1 = U[i1:i2, i1:i2]
         if kind == "unstructured":
             drop = drop_total * i2 // k - drop_total * i1 // k  # exact total over the blocks
-            blk = torch.ones(n * count, dtype=torch.bool, device=W.device)
-            if drop:
-                score = (W1 ** 2 / d[i1:i2] ** 2).flatten()
-                blk[torch.argsort(score, stable=True)[:drop]] = False
-            keep[:, i1:i2] = blk.view(n, count)
+            keep[:, i1:i2] = drop_lowest(W1 ** 2 / d[i1:i2] ** 2, drop)
         for i in range(count):
             j = i1 + i
             if kind == "nm" and j % arg[1] == 0:
@@ -433,7 +428,7 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, *, bits: int | None, group_size:
             w = W1[:, i]
             if quant:
                 qc = quantize_on_grid(w, scale, zero, maxq)
-                q = (qc - zero) * scale
+                q = torch.sub(qc, zero).mul_(scale)
             else:
                 qc, q = None, w
             if masked:
@@ -445,9 +440,9 @@ def obs_sweep(W: torch.Tensor, U: torch.Tensor, *, bits: int | None, group_size:
                 codes[:, j] = qc
             else:
                 Q[:, j] = q
-            err = (w - q) / d[j]
+            err = Err1[:, i]
+            torch.sub(w, q, out=err).div_(d_list[j])
             W1[:, i:].addr_(err, U1[i, i:], alpha=-1)
-            Err1[:, i] = err
         loss += (Err1.double() ** 2).sum() / 2
         if i2 < k:
             W[:, i2:].addmm_(Err1, U[i1:i2, i2:], alpha=-1)

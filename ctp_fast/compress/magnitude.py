@@ -39,11 +39,21 @@ def unstructured_mask(score: torch.Tensor, sparsity: float, per_row: bool = Fals
         if drop:
             mask.scatter_(1, score.topk(drop, dim=1, largest=False).indices, False)
         return mask
-    drop = int(score.numel() * sparsity)
-    mask = torch.ones(score.numel(), dtype=torch.bool)
-    if drop:
-        mask[score.flatten().topk(drop, largest=False).indices] = False
-    return mask.view_as(score)
+    return drop_lowest(score, int(score.numel() * sparsity))
+
+
+def drop_lowest(score: torch.Tensor, drop: int) -> torch.Tensor:
+    """Keep-mask of `score` (any shape) with its `drop` lowest entries False, ties going to the lower
+    flat index first: the set torch.argsort(score.flatten(), stable=True)[:drop] picks, found in O(n)
+    by a k-th value instead of a sort."""
+    flat = score.flatten()
+    keep = torch.ones(flat.numel(), dtype=torch.bool, device=flat.device)
+    if drop > 0:
+        t = flat.kthvalue(drop).values
+        below = flat < t
+        keep[below] = False
+        keep[(flat == t).nonzero().flatten()[:drop - int(below.sum())]] = False
+    return keep.view_as(score)
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity) -> torch.Tensor | None:
