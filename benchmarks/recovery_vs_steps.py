@@ -3,9 +3,10 @@
 Takes the int4+50% checkpoint a `ctp demo` run wrote, tunes a prompt with the demo's settings (100 tokens,
 batch 4 x 128 wiki train tokens, best by wiki validation loss) for several step counts, each a full run
 with its own cosine schedule, and reports the wiki test loss (the demo's 8 x 512 test windows) and the gap
-recovered, (loss_compressed - loss_prompted) / (loss_compressed - loss_dense), beside tuning time.
+recovered, (loss_compressed - loss_prompted) / (loss_compressed - loss_dense), beside tuning time. --init
+compares prompt initialisations (text: the demo's, the first training tokens; vocab: sampled rows).
 
-    python benchmarks/recovery_vs_steps.py --model runs/demo/model-int4+50pct [--steps 150,600]
+    python benchmarks/recovery_vs_steps.py --model runs/demo/model-int4+50pct [--steps 150,600] [--init text,vocab]
 
 Writes benchmarks/results/recovery_vs_steps.{json,md}.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import sys
 import time
 from pathlib import Path
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout
 
 from ctp_fast.checkpoint import load_compressed
 from ctp_fast.data import load_model
-from ctp_fast.demo import DemoConfig, test_windows, tuning_windows
+from ctp_fast.demo import DemoConfig, prompt_init_text, test_windows, tuning_windows
 from ctp_fast.eval import gap_recovered, perplexity
 from ctp_fast.fileio import write_json, write_text
 from ctp_fast.prompt import tune
@@ -37,6 +39,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/demo/model-int4+50pct", help="the demo's int4+50%% checkpoint")
     ap.add_argument("--steps", default="150,600", help="comma-separated step counts, one tuning run each")
+    ap.add_argument("--init", default="text", help="comma-separated prompt initialisations: text, vocab")
     ap.add_argument("--out", default=str(OUT / "recovery_vs_steps"))
     args = ap.parse_args(argv)
     cfg = DemoConfig()
@@ -46,12 +49,13 @@ def main(argv=None) -> int:
     ld = perplexity(dense, test, 4).loss
     lc = perplexity(model, test, 4).loss
     rows = []
-    for steps in [int(s) for s in args.steps.split(",")]:
-        run = dataclasses.replace(cfg, steps=steps)
+    for init, steps in itertools.product(args.init.split(","), [int(s) for s in args.steps.split(",")]):
+        run = dataclasses.replace(cfg, steps=steps, init=init)
         train, val = tuning_windows(run, tok)
         t = time.perf_counter()
-        result = tune(model, train, val, run.tune_config(), test_windows=test)
-        rows.append({"steps": steps, "train_tokens": steps * cfg.batch_size * cfg.train_seqlen,
+        result = tune(model, train, val, run.tune_config(prompt_init_text(run, tok, train)), test_windows=test,
+                      tokenizer=tok)
+        rows.append({"init": init, "steps": steps, "train_tokens": steps * cfg.batch_size * cfg.train_seqlen,
                      "windows_available": len(train), "seconds": time.perf_counter() - t,
                      "best_step": result.best_step, "test_loss": result.test_loss,
                      "gap_recovered": gap_recovered(lc, result.test_loss, ld)})
@@ -60,8 +64,9 @@ def main(argv=None) -> int:
     write_json(Path(args.out + ".json"), report)
     lines = ["# Gap recovered on wiki test against tuning steps (demo settings, int4+50% SmolLM2-135M)", "",
              f"Dense test loss {ld:.4f}, int4+50% {lc:.4f} (8 x 512 wiki test tokens). Each row is its own run.", "",
-             "| steps | train tokens | tuning min | best step | test loss | gap recovered |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['steps']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | {r['best_step']} | "
+             "| init | steps | train tokens | tuning min | best step | test loss | gap recovered |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r.get('init', 'vocab')} | {r['steps']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | {r['best_step']} | "
               f"{r['test_loss']:.4f} | {percent(r['gap_recovered'])} |" for r in rows]
     write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

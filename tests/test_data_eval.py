@@ -44,6 +44,10 @@ class _WordTok:
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [self.vocab.setdefault(w, len(self.vocab)) for w in text.split()]}
 
+    def decode(self, ids, skip_special_tokens=False):
+        words = {i: w for w, i in self.vocab.items()}
+        return " ".join(words[int(i)] for i in ids)
+
 
 class _Oracle(torch.nn.Module):
     """Predicts token t+1 = the `answers` map of token t, else 0."""
@@ -77,22 +81,47 @@ def test_cloze_examples_end_on_a_word():
     assert ex[0].target.tolist() == [tok.vocab["finale"]] and len(ex[0].context) == 30
 
 
-def test_tuning_peak_runs_a_fresh_process_with_a_fixed_mmap_threshold(monkeypatch):
+def test_tuning_peaks_run_fresh_processes_side_by_side_with_a_fixed_mmap_threshold(monkeypatch):
     import subprocess
     import sys
 
     from ctp_fast import demo
     calls = []
 
-    def fake_run(cmd, **kw):
-        calls.append((cmd, kw))
-        return subprocess.CompletedProcess(cmd, 0, stdout='noise\n{"peak_rss_mib": 123.5}\n', stderr="")
-    monkeypatch.setattr(demo.subprocess, "run", fake_run)
-    assert demo.tuning_peak_mib("some/dir", "packed", 4, 128, steps=3) == 123.5
-    (cmd, kw), = calls
+    class FakePopen:
+        def __init__(self, cmd, **kw):
+            calls.append((cmd, kw))
+            self.returncode = 0 if cmd[-1] == "packed" else 3
+            self.peak = 100.0 + len(calls)
+
+        def communicate(self):
+            assert len(calls) == 2  # both started before either is waited for
+            return f'noise\n{{"peak_rss_mib": {self.peak}}}\n', None
+    monkeypatch.setattr(demo.subprocess, "Popen", FakePopen)
+    runs = {"a": ("some/dir", "packed"), "b": ("other", "packed")}
+    assert demo.tuning_peaks_mib(runs, 4, 128, steps=3) == {"a": 101.0, "b": 102.0}
+    cmd, kw = calls[0]
     assert cmd[0] == sys.executable and cmd[3:] == ["some/dir", "4", "128", "3", "packed"]
     # glibc's dynamic threshold would keep freed activations resident and blur the comparison
-    assert kw["env"]["MALLOC_MMAP_THRESHOLD_"] == "131072" and kw["check"]
+    assert kw["env"]["MALLOC_MMAP_THRESHOLD_"] == "131072" and kw["env"]["OMP_NUM_THREADS"] == "1"
+    calls.clear()
+    with pytest.raises(RuntimeError, match="peak-memory run 'b' exited with 3"):
+        demo.tuning_peaks_mib({"a": ("x", "packed"), "b": ("y", "dense")}, 4, 128)
+
+
+def test_demo_prompt_starts_from_the_first_training_tokens():
+    from ctp_fast import demo
+
+    tok = _WordTok()
+    train = torch.tensor(tok(" ".join(f"w{i}" for i in range(40)))["input_ids"]).view(5, 8)  # 5 windows x 8
+    cfg = demo.DemoConfig(n_tokens=12)
+    text = demo.prompt_init_text(cfg, tok, train)
+    assert text == " ".join(f"w{i}" for i in range(16))  # two windows hold the 12 tokens
+    assert tok(text)["input_ids"][:12] == train.flatten()[:12].tolist()
+    tc = cfg.tune_config(text)
+    assert (tc.init, tc.init_text, tc.n_tokens) == ("text", text, 12)
+    vocab = demo.DemoConfig(init="vocab")
+    assert demo.prompt_init_text(vocab, tok, train) is None and vocab.tune_config().init == "vocab"
 
 
 def test_demo_report_gap_recovered_and_stage_times():
