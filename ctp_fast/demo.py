@@ -50,7 +50,7 @@ class DemoConfig:
     eval_seqlen: int = 512
     n_tokens: int = 100             # the most the issue allows; cheap with the shared prompt cache
     init: str = "text"              # the first training tokens (see prompt_init_text); "vocab": sampled rows
-    steps: int = 170
+    steps: int = 150
     batch_size: int = 4
     train_seqlen: int = 128
     eval_every: int = 25
