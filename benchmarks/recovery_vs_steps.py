@@ -66,7 +66,7 @@ def main(argv=None) -> int:
              f"Dense test loss {ld:.4f}, int4+50% {lc:.4f} (8 x 512 wiki test tokens). Each row is its own run.", "",
              "| init | steps | train tokens | tuning min | best step | test loss | gap recovered |",
              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.get('init', 'vocab')} | {r['steps']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | {r['best_step']} | "
+    lines += [f"| {r['init']} | {r['steps']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | {r['best_step']} | "
               f"{r['test_loss']:.4f} | {percent(r['gap_recovered'])} |" for r in rows]
     write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

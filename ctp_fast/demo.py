@@ -11,6 +11,7 @@ Writes report.md, report.json and PNG plots into --out.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -121,19 +122,19 @@ def tuning_peaks_mib(runs: dict[str, tuple[str, str]], batch: int, seqlen: int, 
     measures the allocator's history more than the memory the step needs (at batch 4 x 128 that hid
     about 140 MiB of the packed model's saving)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
-    procs = {}
-    for name, (path, kind) in runs.items():
-        err = tempfile.TemporaryFile(mode="w+")
-        cmd = [sys.executable, "-c", _PEAK_SCRIPT, path, str(batch), str(seqlen), str(steps), kind]
-        procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env), err)
     peaks = {}
-    for name, (proc, err) in procs.items():
-        out, _ = proc.communicate()
-        err.seek(0)
-        if proc.returncode:
-            raise RuntimeError(f"peak-memory run {name!r} exited with {proc.returncode}: {err.read()[-2000:]}")
-        err.close()
-        peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
+    with contextlib.ExitStack() as files:  # stderr to files: a full pipe would stall a process not yet waited for
+        procs = {}
+        for name, (path, kind) in runs.items():
+            err = files.enter_context(tempfile.TemporaryFile(mode="w+"))
+            cmd = [sys.executable, "-c", _PEAK_SCRIPT, path, str(batch), str(seqlen), str(steps), kind]
+            procs[name] = (subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env), err)
+        for name, (proc, err) in procs.items():
+            out, _ = proc.communicate()
+            if proc.returncode:
+                err.seek(0)
+                raise RuntimeError(f"peak-memory run {name!r} exited with {proc.returncode}: {err.read()[-2000:]}")
+            peaks[name] = json.loads(out.strip().splitlines()[-1])["peak_rss_mib"]
     return peaks
 
 
