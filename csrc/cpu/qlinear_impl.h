@@ -77,19 +77,35 @@ struct GroupState {
   F value(int v, F code) const { return V::mul(V::sub(code, z[v]), s[v]); }
 };
 
+// Where a decoder reads a column's bytes: packed memory, or 64-bit words just computed (kept in
+// registers: loading a vector of bytes just stored as two 8-byte halves stalls on store forwarding,
+// about 9x slower per column on Zen 4 with AVX-512).
+struct MemBytes {
+  const uint8_t* p;
+  CTP_INLINE I u8(int o) const { return V::load_u8(p + o); }
+  CTP_INLINE I s8(int o) const { return V::load_s8(p + o); }
+};
+struct WordBytes {
+  const uint64_t* q;
+  CTP_INLINE I u8(int o) const { return V::words_u8(q, o); }
+  CTP_INLINE I s8(int o) const { return V::words_s8(q, o); }
+};
+
 // Codes of one 16-byte nibble column (32 rows), as floats.
-static CTP_INLINE void decode4(const uint8_t* p, F* d) {
+template <class Src>
+static CTP_INLINE void decode4(Src src, F* d) {
   for (int c = 0; c < C; ++c) {
-    I iv = V::load_u8(p + c * W);
+    I iv = src.u8(c * W);
     d[c] = V::low_nibble(iv);
     d[C + c] = V::high_nibble(iv);
   }
 }
 
 // The same column holding signed 4-bit values (two's complement nibbles), as floats.
-static CTP_INLINE void decode4_signed(const uint8_t* p, F* d) {
+template <class Src>
+static CTP_INLINE void decode4_signed(Src src, F* d) {
   for (int c = 0; c < C; ++c) {
-    I iv = V::load_s8(p + c * W);  // lo | hi << 4, sign-extended from the high nibble
+    I iv = src.s8(c * W);  // lo | hi << 4, sign-extended from the high nibble
     d[c] = V::byte_float(V::sra(V::sll(iv, 28), 28));
     d[C + c] = V::byte_float(V::sra(iv, 4));
   }
@@ -98,7 +114,7 @@ static CTP_INLINE void decode4_signed(const uint8_t* p, F* d) {
 // 3-bit codes of one 12-byte column: row i at bits 3i..3i+2 of the little-endian stream. Rows
 // 8j..8j+7 are the 24 bits of bytes 3j..3j+2; a PDEP spreads them over 8 bytes, one code per byte.
 static inline void decode3(const uint8_t* p, F* d) {
-  alignas(64) uint64_t q[4];
+  uint64_t q[4];
   for (int j = 0; j < 4; ++j) {
     // 4-byte loads kept inside the column (the last group is bytes 8..11 shifted down; PDEP ignores
     // the bits above 24). Loading 3 bytes into a stack word instead stalls on store forwarding.
@@ -106,7 +122,7 @@ static inline void decode3(const uint8_t* p, F* d) {
     std::memcpy(&bits, p + (j < 3 ? 3 * j : 8), 4);
     q[j] = V::pdep(j < 3 ? bits : bits >> 8, 0x0707070707070707ull);
   }
-  for (int v = 0; v < NV; ++v) d[v] = V::load_u8_float(reinterpret_cast<const uint8_t*>(q) + v * W);
+  for (int v = 0; v < NV; ++v) d[v] = V::byte_float(V::words_u8(q, v * W));
 }
 
 // ---------------------------------------------------------------- column decoders
@@ -124,7 +140,7 @@ struct DenseDec {
   void next(const QView& w, F* out) {
     gs.at(w, b, k++);
     F d[NV];
-    if constexpr (BITS == 4) decode4(p, d);
+    if constexpr (BITS == 4) decode4(MemBytes{p}, d);
     else if constexpr (BITS == 8)
       for (int v = 0; v < NV; ++v) d[v] = V::load_u8_float(p + v * W);
     else decode3(p, d);
@@ -138,7 +154,7 @@ struct DenseDec {
 // lane per row (only the low 2 bits are meaningful after the shift; permute4 ignores the rest,
 // select_eq callers mask them).
 static inline void decode_slot24(const uint8_t* p, int slot, F* d, I* idx) {
-  decode4(p + 16 * slot, d);
+  decode4(MemBytes{p + 16 * slot}, d);
   for (int c = 0; c < C; ++c) {
     I iv = V::load_u8(p + 32 + c * W);
     idx[c] = V::srl(iv, 2 * slot);
@@ -193,21 +209,6 @@ static inline void decode_bytes(const uint8_t* p, F* d) {
   }
 }
 
-// One 32-row column of an unstructured weight, turned back into the dense 4-bit column (16 bytes, row j
-// low nibble of byte j, row 16 + j high): per half (8 bytes = 16 nibbles, mask bits in the same nibble
-// order) a PDEP spreads the kept codes over the nibbles of the kept rows, and an XOR with the zero points
-// restores the codes (stored as code ^ zero) and sets every pruned row to its zero point, which the
-// dense arithmetic turns into exactly 0. Cost per column is fixed (two PDEPs on the integer ports), not
-// per kept weight. PDEP is microcoded on AMD Zen 1/2 (slow there, still correct).
-// One 32-row column of an unstructured weight, turned back into a dense 4-bit column (16 bytes, row j
-// in the low nibble of byte j, row 16 + j in the high one): per half (8 bytes = 16 nibbles, mask bits in
-// the same nibble order) a PDEP spreads the kept entries over the nibbles of the kept rows; pruned rows
-// get nibble 0. An entry is stored as code ^ zero point, so
-//  * symmetric (zero point 8): the nibble is the two's complement 4-bit value code - 8;
-//  * asymmetric: XOR with the zero points gives the code back, and zero point for a pruned row.
-// Either way a pruned weight decodes to exactly (zero - zero) = 0, and every product is rounded once (no
-// sum(q x) - z sum(x) cancellation, which would leave rounding noise on sparse or pruned rows).
-// Cost per column is fixed (two PDEPs on the integer ports). PDEP is microcoded on AMD Zen 1/2.
 // Reports masks that disagree with offsets entry `entry` (first report wins). Out of line: never hot.
 __attribute__((noinline, cold)) static void report_disagreement(const QView& w, int64_t entry, int64_t want,
                                                                  int64_t found) {
@@ -219,6 +220,15 @@ __attribute__((noinline, cold)) static void report_disagreement(const QView& w, 
   }
 }
 
+// One 32-row column of an unstructured weight, turned back into a dense 4-bit column (16 bytes, row j
+// in the low nibble of byte j, row 16 + j in the high one): per half (8 bytes = 16 nibbles, mask bits in
+// the same nibble order) a PDEP spreads the kept entries over the nibbles of the kept rows; pruned rows
+// get nibble 0. An entry is stored as code ^ zero point, so
+//  * symmetric (zero point 8): the nibble is the two's complement 4-bit value code - 8;
+//  * asymmetric: XOR with the zero points gives the code back, and zero point for a pruned row.
+// Either way a pruned weight decodes to exactly (zero - zero) = 0, and every product is rounded once (no
+// sum(q x) - z sum(x) cancellation, which would leave rounding noise on sparse or pruned rows).
+// Cost per column is fixed (two PDEPs on the integer ports). PDEP is microcoded on AMD Zen 1/2.
 template <bool ASYM>
 struct UnstructuredCols {
   static constexpr bool CENTERED = true;  // decode() yields code - zero, not the code
@@ -285,13 +295,13 @@ struct UnstructuredCols {
   // Column k as code - zero (gs must hold k's group).
   template <class GS>
   CTP_INLINE void decode(const QView& w, int64_t k, const GS& gs, F* d) {
-    alignas(16) uint64_t col[2];
+    uint64_t col[2];
     at(w, k, col);
     if constexpr (ASYM) {
-      decode4(reinterpret_cast<const uint8_t*>(col), d);
+      decode4(WordBytes{col}, d);
       for (int v = 0; v < NV; ++v) d[v] = V::sub(d[v], gs.z[v]);
     } else {
-      decode4_signed(reinterpret_cast<const uint8_t*>(col), d);
+      decode4_signed(WordBytes{col}, d);
     }
   }
 };

@@ -28,6 +28,9 @@ struct VecAvx2 {
   static I load_s8(const uint8_t* p) {  // 8 bytes -> 8 sign-extended int32 lanes
     return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
+  // Bytes o..o+7 of little-endian words q (o a multiple of 8), built in registers (see simd_avx512.h).
+  static I words_u8(const uint64_t* q, int o) { return _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(int64_t(q[o / 8]))); }
+  static I words_s8(const uint64_t* q, int o) { return _mm256_cvtepi8_epi32(_mm_cvtsi64_si128(int64_t(q[o / 8]))); }
   static I sll(I v, int n) { return _mm256_slli_epi32(v, n); }
   static I sra(I v, int n) { return _mm256_srai_epi32(v, n); }
   static F low_nibble(I v) { return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))); }

@@ -31,6 +31,9 @@ struct VecScalar {
   static F mul(F a, F b) { return a * b; }
   static I load_u8(const uint8_t* p) { return *p; }
   static I load_s8(const uint8_t* p) { return int8_t(*p); }
+  // Byte o of little-endian words q.
+  static I words_u8(const uint64_t* q, int o) { return uint8_t(q[o / 8] >> (8 * (o % 8))); }
+  static I words_s8(const uint64_t* q, int o) { return int8_t(q[o / 8] >> (8 * (o % 8))); }
   static I sll(I v, int n) { return I(uint32_t(v) << n); }
   static I sra(I v, int n) { return v >> n; }  // arithmetic (GCC, C++20)
   static F low_nibble(I v) { return float(v & 15); }
