@@ -49,6 +49,11 @@ struct VecAvx512 {
   using T4 = __m512;
   static T4 table4(const float* p) { return _mm512_broadcast_f32x4(_mm_loadu_ps(p)); }
   static F permute4(T4 t, I idx) { return _mm512_permutevar_ps(t, idx); }  // uses idx & 3
+  // 16-entry table of floats; lane takes table[idx & 15] in one permute (cheaper than mask + convert).
+  static constexpr bool LUT16 = true;
+  using T16 = __m512;
+  static T16 table16(const float* p) { return _mm512_loadu_ps(p); }
+  static F lookup16(T16 t, I idx) { return _mm512_permutexvar_ps(idx, t); }
   static F load_u8_float(const uint8_t* p) { return _mm512_cvtepi32_ps(load_u8(p)); }
   static F load_f16(const uint16_t* p) {
     return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));

@@ -46,6 +46,7 @@ struct VecScalar {
   using T4 = const float*;
   static T4 table4(const float* p) { return p; }
   static F permute4(T4 t, I idx) { return t[idx & 3]; }
+  static constexpr bool LUT16 = false;  // no 16-entry table (V::lookup16)
   static F load_u8_float(const uint8_t* p) { return float(*p); }
   static F load_f16(const uint16_t* p) { return half_to_float(*p); }
   static F load_bf16(const uint16_t* p) {
