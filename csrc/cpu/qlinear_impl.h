@@ -78,8 +78,8 @@ struct GroupState {
 };
 
 // Where a decoder reads a column's bytes: packed memory, or 64-bit words just computed (kept in
-// registers: loading a vector of bytes just stored as two 8-byte halves stalls on store forwarding,
-// about 9x slower per column on Zen 4 with AVX-512).
+// registers: loading a vector of bytes just stored as two 8-byte halves stalls on store forwarding; on
+// Zen 4 with AVX-512 that made M=1 unstructured 3.5x and 3-bit 6.5x slower).
 struct MemBytes {
   const uint8_t* p;
   CTP_INLINE I u8(int o) const { return V::load_u8(p + o); }

@@ -29,7 +29,7 @@ struct VecAvx512 {
     return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
   // Bytes o..o+15 of little-endian words q (o a multiple of 16), built in registers: a vector load of
-  // bytes just stored as two 8-byte halves fails store forwarding (about 9x slower per column on Zen 4).
+  // bytes just stored as two 8-byte halves fails store forwarding (see qlinear_impl.h, WordBytes).
   static I words_u8(const uint64_t* q, int o) {
     return _mm512_cvtepu8_epi32(_mm_set_epi64x(int64_t(q[o / 8 + 1]), int64_t(q[o / 8])));
   }
