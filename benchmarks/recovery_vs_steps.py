@@ -4,9 +4,11 @@ Takes the int4+50% checkpoint a `ctp demo` run wrote, tunes a prompt with the de
 batch 4 x 128 wiki train tokens, best by wiki validation loss) for several step counts, each a full run
 with its own cosine schedule, and reports the wiki test loss (the demo's 8 x 512 test windows) and the gap
 recovered, (loss_compressed - loss_prompted) / (loss_compressed - loss_dense), beside tuning time. --init
-compares prompt initialisations (text: the demo's, the first training tokens; vocab: sampled rows).
+compares prompt initialisations (text: the demo's, the first training tokens; vocab: sampled rows), --lr
+peak learning rates (default: tune's, 3e-2 for AdamW).
 
     python benchmarks/recovery_vs_steps.py --model runs/demo/model-int4+50pct [--steps 150,600] [--init text,vocab]
+                                           [--lr 3e-2,1e-1]
 
 Writes benchmarks/results/recovery_vs_steps.{json,md}.
 """
@@ -40,6 +42,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="runs/demo/model-int4+50pct", help="the demo's int4+50%% checkpoint")
     ap.add_argument("--steps", default="150,600", help="comma-separated step counts, one tuning run each")
     ap.add_argument("--init", default="text", help="comma-separated prompt initialisations: text, vocab")
+    ap.add_argument("--lr", default="", help="comma-separated peak learning rates (empty: tune's default)")
     ap.add_argument("--out", default=str(OUT / "recovery_vs_steps"))
     args = ap.parse_args(argv)
     cfg = DemoConfig()
@@ -49,13 +52,14 @@ def main(argv=None) -> int:
     ld = perplexity(dense, test, 4).loss
     lc = perplexity(model, test, 4).loss
     rows = []
-    for init, steps in itertools.product(args.init.split(","), [int(s) for s in args.steps.split(",")]):
-        run = dataclasses.replace(cfg, steps=steps, init=init)
+    lrs = [float(v) for v in args.lr.split(",")] if args.lr else [None]
+    for init, lr, steps in itertools.product(args.init.split(","), lrs, [int(s) for s in args.steps.split(",")]):
+        run = dataclasses.replace(cfg, steps=steps, init=init, lr=lr)
         train, val = tuning_windows(run, tok)
+        tune_config = run.tune_config(prompt_init_text(run, tok, train))
         t = time.perf_counter()
-        result = tune(model, train, val, run.tune_config(prompt_init_text(run, tok, train)), test_windows=test,
-                      tokenizer=tok)
-        rows.append({"init": init, "steps": steps, "train_tokens": steps * cfg.batch_size * cfg.train_seqlen,
+        result = tune(model, train, val, tune_config, test_windows=test, tokenizer=tok)
+        rows.append({"init": init, "lr": tune_config.resolved_lr, "steps": steps, "train_tokens": steps * cfg.batch_size * cfg.train_seqlen,
                      "windows_available": len(train), "seconds": time.perf_counter() - t,
                      "best_step": result.best_step, "test_loss": result.test_loss,
                      "gap_recovered": gap_recovered(lc, result.test_loss, ld)})
@@ -64,9 +68,9 @@ def main(argv=None) -> int:
     write_json(Path(args.out + ".json"), report)
     lines = ["# Gap recovered on wiki test against tuning steps (demo settings, int4+50% SmolLM2-135M)", "",
              f"Dense test loss {ld:.4f}, int4+50% {lc:.4f} (8 x 512 wiki test tokens). Each row is its own run.", "",
-             "| init | steps | train tokens | tuning min | best step | test loss | gap recovered |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['init']} | {r['steps']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | {r['best_step']} | "
+             "| init | lr | steps | train tokens | tuning min | best step | test loss | gap recovered |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['init']} | {r['lr']:g} | {r['steps']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | {r['best_step']} | "
               f"{r['test_loss']:.4f} | {percent(r['gap_recovered'])} |" for r in rows]
     write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
