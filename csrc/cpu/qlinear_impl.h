@@ -721,8 +721,8 @@ static void gemm_grad_task(void* p, int64_t begin, int64_t end) {
 // ---------------------------------------------------------------- dispatch over layout x scales
 // Kinds of task, each a template over the decoder (or, for the gemv fast paths, over ST and ASYM).
 template <class Dec> struct FwdTask { static constexpr TaskFn fn = gemm_fwd_task<Dec>; };
-template <ScaleType ST, bool A> struct FwdTask<Sparse24Dec<ST, A>> {  // 2:4: the permute micro-kernel
-  static constexpr TaskFn fn = gemm_fwd_task<Sparse24Dec<ST, A>, true>;
+template <ScaleType ST, bool A> struct FwdTask<Sparse24Dec<ST, A>> {  // 2:4: the permute micro-kernel, or dense panels
+  static constexpr TaskFn fn = gemm_fwd_task<Sparse24Dec<ST, A>, V::S24_MICRO>;
 };
 template <class Dec> struct GradTask { static constexpr TaskFn fn = gemm_grad_task<Dec>; };
 template <class Dec> struct GemvDecTask { static constexpr TaskFn fn = gemv_dec_task<Dec>; };

@@ -10,6 +10,8 @@ struct VecScalar {
   static constexpr int NRV = 8;     // micro-kernel vectors per row (NR = NRV * W columns)
   static constexpr int GEMV_MR = 1; // rows per pass in the small-M kernel
   static constexpr int MR24 = 4;    // 2:4 micro-kernel rows
+  // 2:4 forward at larger M: the permute micro-kernel
+  static constexpr bool S24_MICRO = true;
   using F = float;
   using I = int32_t;
   // Bit deposit (BMI2 PDEP): the low bits of src, in order, at the set bits of mask.
