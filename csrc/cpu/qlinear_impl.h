@@ -33,7 +33,8 @@ constexpr int NV = 2 * C;       // vectors covering the 32 rows of a block; vect
 constexpr int NR = V::NRV * W;  // micro-kernel columns
 constexpr int64_t GEMV_MAX_M = 4;
 // Small-M kernels prefetch this far ahead in a block's stream: the hardware prefetcher alone left M=1
-// dense int4 latency-bound at half the memory bandwidth (Intel Xeon VM: 0.90 -> 0.55 ms at 4096x4096).
+// dense int4 latency-bound at half the memory bandwidth (Intel Xeon VM, 2 threads: 0.90 -> 0.67 ms at 4096x4096,
+// benchmarks/results/bench_formats_intel_avx512.md).
 constexpr int64_t PF_BYTES = 2048;
 constexpr int64_t KC = 256;       // forward tile depth (along K)
 constexpr int64_t FWD_BLOCKS = 4; // forward tile width in 32-row blocks

@@ -8,7 +8,7 @@ struct VecAvx2 {
   static constexpr int MR = 6;       // 6 x 16 micro-kernel: 12 accumulators + 2 B + 1 broadcast
   static constexpr int NRV = 2;
   static constexpr int GEMV_MR = 2;
-  static constexpr int MR24 = 4;     // 2:4 micro-kernel: 8 accumulators + 4 weight/position registers
+  static constexpr int MR24 = 4;     // 2:4 micro-kernel rows (not run while S24_MICRO is false)
   // 2:4 forward at larger M through dense panels: here the permute micro-kernel ran slower than dense
   // int4 (M=512: 0.87-0.88x on an Intel Xeon, 0.94-1.05x on Zen 3)
   static constexpr bool S24_MICRO = false;
