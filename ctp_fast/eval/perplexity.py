@@ -42,14 +42,15 @@ def nll_of_logits(logits: torch.Tensor, input_ids: torch.Tensor, n_prefix: int =
 @torch.no_grad()
 def perplexity(model, windows: torch.Tensor, batch_size: int = 4, prompt=None, progress: bool = False,
                desc: str = "perplexity", shard: bool | None = None) -> NLL:
-    """NLL over token windows [n, seqlen]; prompt: an optional SoftPrompt-like object with
-    `logits(model, input_ids)` returning (logits, n_prefix).
+    """NLL over token windows [n, seqlen]; prompt: an optional SoftPrompt. The loss comes from
+    `prompted_forward(..., logits=False)`, which skips the full logits where the model allows.
 
     Under torch.distributed (shard=None: whenever a process group of several ranks is up; every rank
     must call it with the same windows), batch b runs on rank b % world_size and the per-batch totals
     are summed across ranks and then in batch order, so the result is the one-process result (counts
     exact, the NLL sum in the same order)."""
     from .. import distributed
+    from ..prompt.soft_prompt import prompted_forward
 
     starts = range(0, len(windows), batch_size)
     ranks = distributed.world_size() if shard or shard is None else 1
@@ -58,12 +59,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 4, prompt=None, p
     tokens = torch.zeros(len(starts), dtype=torch.long)
     for b in tqdm(mine, desc=desc, disable=not progress):
         ids = windows[starts[b]:starts[b] + batch_size]
-        if prompt is None:
-            logits, n_prefix = model(input_ids=ids, use_cache=False).logits, 0
-        else:
-            logits, n_prefix = prompt.logits(model, ids)
-        r = nll_of_logits(logits, ids, n_prefix)
-        totals[b], tokens[b] = r.total, r.tokens
+        out = prompted_forward(model, prompt, ids, logits=False, reduction="sum")
+        totals[b], tokens[b] = float(out.loss), int((out["targets"] != -100).sum())
     if ranks > 1:  # each batch is non-zero on one rank only: the sums are exact
         distributed.all_reduce_sum(totals, f"all_reduce of the {desc} NLL totals")
         distributed.all_reduce_sum(tokens, f"all_reduce of the {desc} token counts")

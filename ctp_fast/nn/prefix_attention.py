@@ -200,12 +200,13 @@ def attend(model, cache: PromptCache):
 
 
 def prefix_forward(model, prompt, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                   cache: PromptCache | None = None, **kwargs):
+                   cache: PromptCache | None = None, hidden_only: bool = False, **kwargs):
     """The model's output on `input_ids` with the prompt before every row, through a shared prompt cache
-    (built here, with gradients if enabled, unless given). Logits cover the text positions only."""
+    (built here, with gradients if enabled, unless given). Logits cover the text positions only;
+    hidden_only=True runs the decoder without the lm_head (its output has last_hidden_state)."""
     cache = build_prompt_cache(model, prompt) if cache is None else cache
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
     if attention_mask is not None:
         inputs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     with attend(model, cache):
-        return model(**inputs, use_cache=False, **kwargs)
+        return (model.get_decoder() if hidden_only else model)(**inputs, use_cache=False, **kwargs)

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.head_loss import head_cross_entropy, loss_head
+
 VOCAB_INIT_RANGE = 5000  # prompt-tuning paper (Lester et al. 2021): sample from the 5,000 most common tokens
 MAX_TOKENS = 100  # what tune() accepts (prompt tuning gains little past ~100 tokens)
 
@@ -209,7 +211,7 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str =
 
 def prompted_forward(model, prompt: SoftPrompt | None, input_ids: torch.Tensor,
                      attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                     shared_prefix: bool | None = None, **kwargs):
+                     shared_prefix: bool | None = None, logits: bool = True, reduction: str = "mean", **kwargs):
     """Run an HF causal LM (anything taking inputs_embeds) with `prompt` before every row.
 
     Two paths, same loss and gradients (up to float rounding):
@@ -224,14 +226,19 @@ def prompted_forward(model, prompt: SoftPrompt | None, input_ids: torch.Tensor,
     target of each logit position but the last (-100 on prompt and pad positions, see `scored_targets`),
     `out["labels"]` the HF-style labels aligned with the logits (`extended_labels`). prompt=None runs the
     plain model with the same scoring.
+
+    logits=False asks for the loss only: where `ctp_fast.nn.head_loss.loss_head` allows, the decoder runs
+    without the lm_head and the loss comes from its hidden states in chunks (`out.logits` is then None);
+    otherwise the logits are computed as usual. reduction="sum" makes `out.loss` the summed NLL.
     """
     from ..nn.prefix_attention import prefix_forward, supports_prefix
     if prompt is not None and (shared_prefix or (shared_prefix is None and supports_prefix(model))):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, seqlen], got shape {tuple(input_ids.shape)}")
         _check_hidden(model, prompt)
-        out = prefix_forward(model, prompt, input_ids, attention_mask, **kwargs)
-        return _scored(out, 0, input_ids, attention_mask, labels)
+        head = None if logits else loss_head(model)
+        out = prefix_forward(model, prompt, input_ids, attention_mask, hidden_only=head is not None, **kwargs)
+        return _scored(out, 0, input_ids, attention_mask, labels, head, reduction)
     if prompt is None:
         prompt = _EmptyPrompt()
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -241,16 +248,23 @@ def prompted_forward(model, prompt: SoftPrompt | None, input_ids: torch.Tensor,
         inputs = prompted_inputs(model, prompt, input_ids, attention_mask)
     if not _accepts(model, "position_ids"):
         inputs.pop("position_ids", None)  # e.g. BLOOM (ALiBi); OPT derives positions from the mask
-    out = model(**inputs, use_cache=False, **kwargs)
-    return _scored(out, prompt.n_tokens, input_ids, attention_mask, labels)
+    head = None if logits else loss_head(model)
+    out = (model if head is None else model.get_decoder())(**inputs, use_cache=False, **kwargs)
+    return _scored(out, prompt.n_tokens, input_ids, attention_mask, labels, head, reduction)
 
 
-def _scored(out, n_prefix: int, input_ids, attention_mask, labels):
-    """Adds loss, targets, labels and n_prefix (logit positions before the text) to a model output."""
-    targets = scored_targets(n_prefix, input_ids, attention_mask, labels).to(out.logits.device)
-    out["loss"] = causal_lm_loss(out.logits, targets)
+def _scored(out, n_prefix: int, input_ids, attention_mask, labels, head=None, reduction="mean"):
+    """Adds loss, targets, labels and n_prefix (logit positions before the text) to a model output: from
+    its logits, or with `head` from a decoder output's last hidden state (out.logits set to None)."""
+    hidden = out.last_hidden_state if head is not None else out.logits
+    targets = scored_targets(n_prefix, input_ids, attention_mask, labels).to(hidden.device)
+    if head is None:
+        out["loss"] = causal_lm_loss(out.logits, targets, reduction)
+    else:
+        out["loss"] = head_cross_entropy(hidden, head, targets, reduction)
+        out["logits"] = None
     out["targets"] = targets
-    out["labels"] = extended_labels(n_prefix, input_ids, attention_mask, labels).to(out.logits.device)
+    out["labels"] = extended_labels(n_prefix, input_ids, attention_mask, labels).to(hidden.device)
     out["n_prefix"] = n_prefix
     return out
 

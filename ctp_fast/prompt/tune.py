@@ -413,7 +413,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
                 pos += config.batch_size
                 share = _token_share(ids, step)  # this rank's fraction of the micro-batch's scored tokens
                 with _autocast(model, config.dtype):
-                    loss = prompted_forward(model, prompt, ids, shared_prefix=config.shared_prefix).loss
+                    loss = prompted_forward(model, prompt, ids, shared_prefix=config.shared_prefix, logits=False).loss
                 if not torch.isfinite(loss.detach()):
                     raise FloatingPointError(f"step {step + 1}: training loss is {float(loss)} "
                                              f"(lr {config.resolved_lr} too high?)")
