@@ -2,10 +2,11 @@
 
 The usual loss goes through logits [B, T, vocab] in fp32: 100 MB at 4 x 128 tokens with SmolLM2's 49k
 vocabulary, then as much again for their shifted copy, the log-softmax and each gradient. Buffers that
-large are mapped fresh on every allocation, so on CPU faulting their pages in cost more than the lm_head
-matmul itself (about 0.9 s of a 3 s prompt-tuning step on 2 cores). Here the head runs on chunks of
-rows into one reused buffer, and because the head's weight is frozen the gradient of the hidden states
-is formed in the same pass: backward only scales it.
+large are mapped fresh on every allocation, and on CPU faulting their pages in costs more than the
+lm_head matmul: in profiles of a 4 x 128-token prompt-tuning step on SmolLM2 (2 cores), the copy, fills,
+log-softmax and its backward took 0.5 to 0.9 s, and forward + backward went from 2.61 to 2.22 s with
+this path. Here the head runs on chunks of rows into one reused buffer, and because the head's weight
+is frozen the gradient of the hidden states is formed in the same pass: backward only scales it.
 
 `loss_head(model)` says whether a model's logits are exactly `lm_head(last hidden state)`; the callers
 (`ctp_fast.prompt.prompted_forward(..., logits=False)`) fall back to the logits path when it is None.

@@ -256,15 +256,15 @@ def prompted_forward(model, prompt: SoftPrompt | None, input_ids: torch.Tensor,
 def _scored(out, n_prefix: int, input_ids, attention_mask, labels, head=None, reduction="mean"):
     """Adds loss, targets, labels and n_prefix (logit positions before the text) to a model output: from
     its logits, or with `head` from a decoder output's last hidden state (out.logits set to None)."""
-    hidden = out.last_hidden_state if head is not None else out.logits
-    targets = scored_targets(n_prefix, input_ids, attention_mask, labels).to(hidden.device)
+    device = (out.logits if head is None else out.last_hidden_state).device
+    targets = scored_targets(n_prefix, input_ids, attention_mask, labels).to(device)
     if head is None:
         out["loss"] = causal_lm_loss(out.logits, targets, reduction)
     else:
-        out["loss"] = head_cross_entropy(hidden, head, targets, reduction)
+        out["loss"] = head_cross_entropy(out.last_hidden_state, head, targets, reduction)
         out["logits"] = None
     out["targets"] = targets
-    out["labels"] = extended_labels(n_prefix, input_ids, attention_mask, labels).to(hidden.device)
+    out["labels"] = extended_labels(n_prefix, input_ids, attention_mask, labels).to(device)
     out["n_prefix"] = n_prefix
     return out
 
