@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 
@@ -25,18 +24,6 @@ class NLL:
 
     def __add__(self, other: "NLL") -> "NLL":
         return NLL(self.total + other.total, self.tokens + other.tokens)
-
-
-def nll_of_logits(logits: torch.Tensor, input_ids: torch.Tensor, n_prefix: int = 0) -> NLL:
-    """Summed NLL of predicting input_ids[:, 1:] from logits whose first `n_prefix` positions belong to
-    a prompt (those positions are dropped, never scored)."""
-    logits = logits[:, n_prefix:, :]
-    if logits.shape[1] != input_ids.shape[1]:
-        raise ValueError(f"logits cover {logits.shape[1]} token positions after the prompt, input_ids {input_ids.shape[1]}")
-    pred = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-    target = input_ids[:, 1:].reshape(-1)
-    total = F.cross_entropy(pred, target, reduction="sum", ignore_index=-100)
-    return NLL(float(total), int((target != -100).sum()))
 
 
 @torch.no_grad()

@@ -232,11 +232,11 @@ def prompted_forward(model, prompt: SoftPrompt | None, input_ids: torch.Tensor,
     otherwise the logits are computed as usual. reduction="sum" makes `out.loss` the summed NLL.
     """
     from ..nn.prefix_attention import prefix_forward, supports_prefix
+    head = None if logits else loss_head(model)
     if prompt is not None and (shared_prefix or (shared_prefix is None and supports_prefix(model))):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, seqlen], got shape {tuple(input_ids.shape)}")
         _check_hidden(model, prompt)
-        head = None if logits else loss_head(model)
         out = prefix_forward(model, prompt, input_ids, attention_mask, hidden_only=head is not None, **kwargs)
         return _scored(out, 0, input_ids, attention_mask, labels, head, reduction)
     if prompt is None:
@@ -248,7 +248,6 @@ def prompted_forward(model, prompt: SoftPrompt | None, input_ids: torch.Tensor,
         inputs = prompted_inputs(model, prompt, input_ids, attention_mask)
     if not _accepts(model, "position_ids"):
         inputs.pop("position_ids", None)  # e.g. BLOOM (ALiBi); OPT derives positions from the mask
-    head = None if logits else loss_head(model)
     out = (model if head is None else model.get_decoder())(**inputs, use_cache=False, **kwargs)
     return _scored(out, prompt.n_tokens, input_ids, attention_mask, labels, head, reduction)
 
