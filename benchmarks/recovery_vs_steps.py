@@ -1,7 +1,7 @@
 """How much of the compression gap the demo's prompt recovers as tuning runs longer (issue 5).
 
 Takes the int4+50% checkpoint a `ctp demo` run wrote, tunes a prompt with the demo's settings (100 tokens,
-batch 4 x 128 wiki train tokens, best by wiki validation loss) for several step counts, each a full run
+the demo's train windows, best by wiki validation loss) for several step counts, each a full run
 with its own cosine schedule, and reports the wiki test loss (the demo's 8 x 512 test windows) and the gap
 recovered, (loss_compressed - loss_prompted) / (loss_compressed - loss_dense), beside tuning time. --init
 compares prompt initialisations (text: the demo's, the first training tokens; vocab: sampled rows), --lr
