@@ -60,6 +60,7 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         result = tune(model, train, val, tune_config, test_windows=test, tokenizer=tok)
         rows.append({"init": init, "lr": tune_config.resolved_lr, "steps": steps,
+                     "window": f"{cfg.batch_size} x {cfg.train_seqlen}",
                      "train_tokens": steps * cfg.batch_size * cfg.train_seqlen, "windows_available": len(train),
                      "seconds": time.perf_counter() - t, "best_step": result.best_step, "test_loss": result.test_loss,
                      "gap_recovered": gap_recovered(lc, result.test_loss, ld)})
@@ -69,9 +70,9 @@ def main(argv=None) -> int:
     lines = ["# Gap recovered on wiki test against tuning steps, initialisation and peak learning rate "
              "(demo settings, int4+50% SmolLM2-135M)", "",
              f"Dense test loss {ld:.4f}, int4+50% {lc:.4f} (8 x 512 wiki test tokens). Each row is its own run.", "",
-             "| init | lr | steps | train tokens | tuning min | best step | test loss | gap recovered |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['init']} | {r['lr']:g} | {r['steps']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | "
+             "| init | lr | steps | batch x tokens | train tokens | tuning min | best step | test loss | gap recovered |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['init']} | {r['lr']:g} | {r['steps']} | {r['window']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | "
               f"{r['best_step']} | {r['test_loss']:.4f} | {percent(r['gap_recovered'])} |" for r in rows]
     write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -124,6 +124,22 @@ def test_demo_prompt_starts_from_the_first_training_tokens():
     assert demo.prompt_init_text(vocab, tok, train) is None and vocab.tune_config().init == "vocab"
 
 
+def test_demo_cli_steps(monkeypatch, tmp_path):
+    """`ctp demo --steps N` reaches the demo's config, for the default and the quick run; 0 is refused."""
+    from ctp_fast import cli, demo
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    out = str(tmp_path / "d")
+    assert cli.main(["demo", "--out", out]) == 0
+    assert cli.main(["demo", "--out", out, "--steps", "1000"]) == 0
+    assert cli.main(["demo", "--out", out, "--quick", "--steps", "7"]) == 0
+    assert [(c.steps, c.quick, c.out) for c in seen] == [(demo.DemoConfig().steps, False, out), (1000, False, out),
+                                                         (7, True, out)]
+    with pytest.raises(SystemExit, match="--steps: expected a positive integer, got 0"):
+        cli.main(["demo", "--steps", "0"])
+
+
 def test_demo_report_gap_recovered_and_stage_times():
     from ctp_fast import demo
 
