@@ -43,6 +43,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", default="150,600", help="comma-separated step counts, one tuning run each")
     ap.add_argument("--init", default="text", help="comma-separated prompt initialisations: text, vocab")
     ap.add_argument("--lr", default="", help="comma-separated peak learning rates (empty: tune's default)")
+    ap.add_argument("--window", default="", help="comma-separated train windows BATCHxTOKENS, e.g. 1x256,1x512 "
+                    "(empty: the demo's)")
     ap.add_argument("--out", default=str(OUT / "recovery_vs_steps"))
     args = ap.parse_args(argv)
     cfg = DemoConfig()
@@ -53,15 +55,18 @@ def main(argv=None) -> int:
     lc = perplexity(model, test, 4).loss
     rows = []
     lrs = [float(v) for v in args.lr.split(",")] if args.lr else [None]
-    for init, lr, steps in itertools.product(args.init.split(","), lrs, [int(s) for s in args.steps.split(",")]):
-        run = dataclasses.replace(cfg, steps=steps, init=init, lr=lr)
+    windows = [tuple(int(v) for v in w.split("x")) for w in args.window.split(",")] if args.window else \
+        [(cfg.batch_size, cfg.train_seqlen)]
+    for (batch, seqlen), init, lr, steps in itertools.product(windows, args.init.split(","), lrs,
+                                                             [int(s) for s in args.steps.split(",")]):
+        run = dataclasses.replace(cfg, steps=steps, init=init, lr=lr, batch_size=batch, train_seqlen=seqlen)
         train, val = tuning_windows(run, tok)
         tune_config = run.tune_config(prompt_init_text(run, tok, train))
         t = time.perf_counter()
         result = tune(model, train, val, tune_config, test_windows=test, tokenizer=tok)
         rows.append({"init": init, "lr": tune_config.resolved_lr, "steps": steps,
-                     "window": f"{cfg.batch_size} x {cfg.train_seqlen}",
-                     "train_tokens": steps * cfg.batch_size * cfg.train_seqlen, "windows_available": len(train),
+                     "window": f"{batch} x {seqlen}",
+                     "train_tokens": steps * batch * seqlen, "windows_available": len(train),
                      "seconds": time.perf_counter() - t, "best_step": result.best_step, "test_loss": result.test_loss,
                      "gap_recovered": gap_recovered(lc, result.test_loss, ld)})
         print(rows[-1], flush=True)
