@@ -51,10 +51,10 @@ class DemoConfig:
     eval_seqlen: int = 512
     n_tokens: int = 100             # the most the issue allows; cheap with the shared prompt cache
     init: str = "text"              # the first training tokens (see prompt_init_text); "vocab": sampled rows
-    steps: int = 200                # ~9 min of tuning on 2 cores (2.45 s a step at 1 x 512)
-    batch_size: int = 1             # 1 x 512 beat 4 x 128 (same tokens per step) at 200 steps: wiki gap
-    train_seqlen: int = 512         # recovered 43.5% against 40.9%; windows as long as the test's
-    eval_every: int = 25
+    steps: int = 400                # 10-14 min of tuning on 2 cores (1.5-2 s a step at 1 x 256)
+    batch_size: int = 1             # same train tokens, same checkpoint: 400 x (1 x 256) recovered 39.9% of
+    train_seqlen: int = 256         # the wiki gap, 200 x (1 x 512) 37.2% (benchmarks/results/recovery_vs_windows.md)
+    eval_every: int = 50
     lr: float | None = None
     cloze: int = 100
     seed: int = 0
