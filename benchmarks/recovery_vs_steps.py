@@ -37,6 +37,14 @@ def percent(share: float | None) -> str:
     return "n/a (no gap)" if share is None else f"{100 * share:.1f}%"
 
 
+def parse_window(ap: argparse.ArgumentParser, text: str) -> tuple[int, int]:
+    """"1x256" -> (1, 256); anything else ends the run with a message naming --window."""
+    parts = text.strip().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        ap.error(f"--window: expected BATCHxTOKENS with positive integers (e.g. 1x256), got {text!r}")
+    return int(parts[0]), int(parts[1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="runs/demo/model-int4+50pct", help="the demo's int4+50%% checkpoint")
@@ -48,6 +56,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT / "recovery_vs_steps"))
     args = ap.parse_args(argv)
     cfg = DemoConfig()
+    windows = [parse_window(ap, w) for w in args.window.split(",")] if args.window else \
+        [(cfg.batch_size, cfg.train_seqlen)]
     dense, tok = load_model(cfg.model)
     model = load_compressed(args.model)
     test = test_windows(cfg, tok, "wiki")
@@ -55,8 +65,6 @@ def main(argv=None) -> int:
     lc = perplexity(model, test, 4).loss
     rows = []
     lrs = [float(v) for v in args.lr.split(",")] if args.lr else [None]
-    windows = [tuple(int(v) for v in w.split("x")) for w in args.window.split(",")] if args.window else \
-        [(cfg.batch_size, cfg.train_seqlen)]
     for (batch, seqlen), init, lr, steps in itertools.product(windows, args.init.split(","), lrs,
                                                              [int(s) for s in args.steps.split(",")]):
         run = dataclasses.replace(cfg, steps=steps, init=init, lr=lr, batch_size=batch, train_seqlen=seqlen)

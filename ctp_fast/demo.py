@@ -51,7 +51,7 @@ class DemoConfig:
     eval_seqlen: int = 512
     n_tokens: int = 100             # the most the issue allows; cheap with the shared prompt cache
     init: str = "text"              # the first training tokens (see prompt_init_text); "vocab": sampled rows
-    steps: int = 400                # 10-14 min of tuning on 2 cores (1.5-2 s a step at 1 x 256)
+    steps: int = 400                # 13.6 min of tuning on a busy 2-core host (2 s a step)
     batch_size: int = 1             # same train tokens, same checkpoint: 400 x (1 x 256) recovered 39.9% of
     train_seqlen: int = 256         # the wiki gap, 200 x (1 x 512) 37.2% (benchmarks/results/recovery_vs_windows.md)
     eval_every: int = 50

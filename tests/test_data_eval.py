@@ -161,3 +161,21 @@ def test_demo_report_gap_recovered_and_stage_times():
     assert "| int4+2:4 | -25.0% | n/a | n/a |" in text
     assert "| dense (loss change) | -0.100 | +0.100 | +0.100 |" in text
     assert "Total time 10.0 min (tune the prompt 7.0, the rest 3.0)." in text
+
+
+def test_recovery_vs_steps_window_argument(capsys):
+    """benchmarks/recovery_vs_steps.py --window: BATCHxTOKENS pairs, anything else refused by name."""
+    import argparse
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "recovery_vs_steps.py"
+    spec = importlib.util.spec_from_file_location("recovery_vs_steps", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ap = argparse.ArgumentParser()
+    assert mod.parse_window(ap, "1x256") == (1, 256)
+    assert mod.parse_window(ap, " 4x128") == (4, 128)
+    for bad in ("1x", "256", "0x256", "1x-5", "ax256", "1x2x3"):
+        with pytest.raises(SystemExit):
+            mod.parse_window(ap, bad)
+        assert "--window: expected BATCHxTOKENS" in capsys.readouterr().err
