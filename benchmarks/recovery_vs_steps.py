@@ -5,10 +5,11 @@ the demo's train windows, best by wiki validation loss) for several step counts,
 with its own cosine schedule, and reports the wiki test loss (the demo's 8 x 512 test windows) and the gap
 recovered, (loss_compressed - loss_prompted) / (loss_compressed - loss_dense), beside tuning time. --init
 compares prompt initialisations (text: the demo's, the first training tokens; vocab: sampled rows), --lr
-peak learning rates (default: tune's, 3e-2 for AdamW).
+peak learning rates (default: tune's, 3e-2 for AdamW), --window train windows per step, BATCHxTOKENS
+(default: the demo's).
 
     python benchmarks/recovery_vs_steps.py --model runs/demo/model-int4+50pct [--steps 150,600] [--init text,vocab]
-                                           [--lr 3e-2,1e-1]
+                                           [--lr 3e-2,1e-1] [--window 1x256,1x512]
 
 Writes benchmarks/results/recovery_vs_steps.{json,md}.
 """
