@@ -22,7 +22,7 @@ std::atomic<int> g_isa{-1};
 Isa resolve_isa(const std::string& name, const char* origin) {
   Isa isa;
   TORCH_CHECK(ctp::isa_from_name(name.c_str(), &isa), origin, "='", name,
-              "' is not an instruction set ctp_fast knows; expected one of scalar, avx2, avx512");
+              "' is not an instruction set ctp_fast knows; expected one of scalar, avx2, avx512, avx512bf16");
   TORCH_CHECK(ctp::isa_supported(isa), origin, "='", name, "' but this CPU does not support ", name);
   return isa;
 }
@@ -44,7 +44,7 @@ void set_isa(const std::string& name) {
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512})
+  for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512bf16})
     if (ctp::isa_supported(isa)) out.push_back(ctp::isa_name(isa));
   return out;
 }
@@ -155,15 +155,20 @@ ctp::QView packed_view(const at::Tensor& codes, const at::Tensor& scales, const 
   return w;
 }
 
-// Activations: fp32 or bf16 on the CPU, last dim `width`; returns an fp32 contiguous 2-D copy/view.
+// Activations: fp32 or bf16 on the CPU, last dim `width`; returns a contiguous 2-D copy/view, kept in bf16
+// when the bf16 kernels take it (ctp::bf16_gemm), else in fp32.
 at::Tensor activations_2d(const at::Tensor& t, const char* name, int64_t width) {
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
               ": expected float32 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(t.dim() >= 1 && t.size(-1) == width, name, ": expected last dimension ", width, ", got shape ",
               t.sizes());
-  return t.reshape({-1, width}).to(at::kFloat).contiguous();
+  at::Tensor t2 = t.reshape({-1, width});
+  const bool bf16 = t.scalar_type() == at::kBFloat16 && ctp::bf16_gemm(current_isa(), t2.size(0));
+  return t2.to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
 }
+
+const uint16_t* bf16_bits(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>()); }
 
 std::vector<int64_t> with_last(const at::Tensor& t, int64_t last) {
   std::vector<int64_t> s(t.sizes().begin(), t.sizes().end());
@@ -195,12 +200,14 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at:
     TORCH_CHECK(bias->is_floating_point(), "bias: expected a floating tensor, got ", bias->scalar_type());
     b = bias->to(at::kFloat).contiguous();
   }
-  at::Tensor y = at::empty({x2.size(0), w.N}, x2.options());
+  at::Tensor y = at::empty({x2.size(0), w.N}, x2.options().dtype(at::kFloat));
   ctp::KernelError err;
   w.error = &err;
-  if (x2.size(0) > 0)
-    ctp::linear(current_isa(), w, x2.data_ptr<float>(), x2.size(0), b.defined() ? b.data_ptr<float>() : nullptr,
-                y.data_ptr<float>(), parallel_torch);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  if (x2.scalar_type() == at::kBFloat16)
+    ctp::linear_bf16(w, bf16_bits(x2), x2.size(0), bp, y.data_ptr<float>(), parallel_torch);
+  else if (x2.size(0) > 0)
+    ctp::linear(current_isa(), w, x2.data_ptr<float>(), x2.size(0), bp, y.data_ptr<float>(), parallel_torch);
   raise_kernel_error(err, w.nblocks(), w.codes_bytes);
   return y.to(x.scalar_type()).view(with_last(x, w.N));
 }
@@ -213,10 +220,12 @@ at::Tensor packed_linear_grad_input(const at::Tensor& grad_y, const at::Tensor& 
   ctp::QView w = packed_view(codes, scales, zeros, perm, masks, offsets, layout, bits, out_features, in_features,
                              group_size);
   at::Tensor g2 = activations_2d(grad_y, "grad_y", w.N);
-  at::Tensor gx = at::empty({g2.size(0), w.K}, g2.options());
+  at::Tensor gx = at::empty({g2.size(0), w.K}, g2.options().dtype(at::kFloat));
   ctp::KernelError err;
   w.error = &err;
-  if (g2.size(0) > 0)
+  if (g2.scalar_type() == at::kBFloat16)
+    ctp::linear_grad_input_bf16(w, bf16_bits(g2), g2.size(0), gx.data_ptr<float>(), parallel_torch);
+  else if (g2.size(0) > 0)
     ctp::linear_grad_input(current_isa(), w, g2.data_ptr<float>(), g2.size(0), gx.data_ptr<float>(), parallel_torch);
   raise_kernel_error(err, w.nblocks(), w.codes_bytes);
   return gx.to(grad_y.scalar_type()).view(with_last(grad_y, w.K));
@@ -357,10 +366,12 @@ TORCH_LIBRARY_IMPL(ctp_fast, CPU, m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ctp_fast kernels (ops are registered under torch.ops.ctp_fast)";
-  m.def("set_isa", &set_isa, "Force the CPU instruction-set path: 'scalar', 'avx2' or 'avx512'.");
+  m.def("set_isa", &set_isa, "Force the CPU instruction-set path: 'scalar', 'avx2', 'avx512' or 'avx512bf16'.");
   m.def("get_isa", []() { return std::string(ctp::isa_name(current_isa())); },
         "The CPU instruction-set path in use.");
   m.def("supported_isas", &supported_isas, "Instruction-set paths this CPU can run.");
+  m.def("bf16_gemm", [](int64_t M) { return ctp::bf16_gemm(current_isa(), M); },
+        "Whether bf16 activations of M rows run on bf16 dot products (W rounded to bf16) on the current path.");
   m.def("has_cuda", []() {
 #ifdef CTP_WITH_CUDA
     return true;

@@ -120,8 +120,16 @@ int4_linear_grad_input = packed_linear_grad_input
 
 
 def set_isa(name: str) -> None:
-    """Force the CPU instruction-set path ('scalar', 'avx2', 'avx512'); CTP_FAST_ISA sets the default."""
+    """Force the CPU instruction-set path ('scalar', 'avx2', 'avx512', 'avx512bf16'); CTP_FAST_ISA sets the
+    default, else the best this CPU supports."""
     _C.set_isa(name)
+
+
+def bf16_gemm(m: int) -> bool:
+    """Whether bf16 activations of m rows run on bf16 dot products on the current path (avx512bf16 and
+    m > 4): W's dequantized values are then rounded to bf16, as in a bf16 matmul; fp32 activations, and
+    every other path, use W exactly."""
+    return bool(_C.bf16_gemm(int(m)))
 
 
 def get_isa() -> str:

@@ -1,6 +1,6 @@
 """Shared fixtures and helpers for the ctp_fast test-suite.
 
-`isa` runs a test once per instruction-set path this CPU supports (scalar, avx2, avx512) and restores
+`isa` runs a test once per instruction-set path this CPU supports (scalar, avx2, avx512, avx512bf16) and restores
 the previous choice afterwards, so that test order never leaks an ISA into another test.
 """
 from __future__ import annotations
@@ -27,6 +27,15 @@ def isa(request):
     yield request.param
     if previous is not None:
         ctp_fast.set_isa(previous)
+
+
+def kernel_weight(W: torch.Tensor, dtype: torch.dtype, m: int) -> torch.Tensor:
+    """The weight the CPU kernels multiply activations of this dtype and m rows by, for the reference:
+    W itself, or on the bf16 dot-product path (ctp_fast.ops.bf16_gemm) W rounded to bf16 from its fp32
+    dequantized values, as the kernels round it."""
+    if dtype == torch.bfloat16 and ctp_fast.ops.bf16_gemm(m):
+        return W.float().bfloat16().to(W.dtype)
+    return W
 
 
 def _single_intra_op_thread():

@@ -80,6 +80,21 @@ def test_bf16_model():
     torch.testing.assert_close(y.float(), dense_ref(layer, x).float(), rtol=2 ** -7, atol=1e-3)
 
 
+def test_autocast_runs_like_nn_linear():
+    """Under bf16 autocast an fp32 CompressedLinear computes on bf16 activations and returns bf16, as
+    nn.Linear does; the gradient reaching an fp32 input is fp32."""
+    lin = nn.Linear(64, 48)
+    layer = CompressedLinear.from_linear(lin, group_size=32)
+    x = torch.randn(9, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        assert y.dtype == lin(x).dtype == torch.bfloat16
+    assert torch.equal(y, int4_linear(x.detach().bfloat16(), layer.weight_format, layer.bias))
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    assert layer(x).dtype == torch.float32  # outside autocast: fp32 as before
+
+
 def test_extra_repr_names_format_and_bytes():
     layer = CompressedLinear.from_linear(nn.Linear(129, 70), group_size=64, symmetric=False,
                                          perm=torch.randperm(129))

@@ -18,7 +18,9 @@ Tolerances, by dtype:
     for the tiled path; the GEMV path reaches ~1e-5 .. 2.5e-5 on RTN weights, see there).
   * bf16 activations (and outputs): the reference is computed from the already bf16-rounded input;
     the kernel computes in fp32 and rounds the output to bf16, adding at most 2^-9 (half an ulp of an
-    8-bit mantissa) relative to |y|: we allow 2^-8 * |y_ref| on top of the fp32 term.
+    8-bit mantissa) relative to |y|: we allow 2^-8 * |y_ref| on top of the fp32 term. On the bf16
+    dot-product path (avx512bf16, M > 4) the kernel multiplies by W rounded to bf16, and so does the
+    reference (conftest.kernel_weight); the tolerances stay the same.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from ctp_fast import int4_linear, int4_linear_grad_input
 
 from ctp_fast import Int4Weight
 
-from conftest import SUPPORTED_ISAS, error_scale, random_int4
+from conftest import SUPPORTED_ISAS, error_scale, kernel_weight, random_int4
 
 pytestmark = pytest.mark.usefixtures("fixed_seed", "one_thread")
 
@@ -74,6 +76,7 @@ def assert_matches(out, ref, mag, dtype, what="y"):
 def check_forward(x, w, W, E, bias=None):
     y = int4_linear(x, w, bias)
     xd = x.double()
+    W = kernel_weight(W, x.dtype, x.numel() // x.shape[-1] if x.shape[-1] else 0)
     ref = xd @ W.T
     mag = xd.abs() @ E.T
     if bias is not None:
@@ -86,6 +89,7 @@ def check_forward(x, w, W, E, bias=None):
 def check_grad_input(gy, w, W, E):
     gx = int4_linear_grad_input(gy, w)
     gd = gy.double()
+    W = kernel_weight(W, gy.dtype, gy.numel() // gy.shape[-1])
     assert_matches(gx, gd @ W, gd.abs() @ E, gy.dtype, "int4_linear_grad_input")
     return gx
 

@@ -3,6 +3,7 @@ every ISA path, fp32/bf16, GQA, padding, decode), its argument checks, and the H
 (training loss/gradients, prefill, decode with a KV cache, generate, padded batches)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import ctp_fast
 from ctp_fast.nn.prefix_attention import (PromptCache, attend, build_prompt_cache, prefix_attention_reference,
@@ -162,6 +163,27 @@ def test_training_loss_and_grads_match_concatenated_path():
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
     assert grads[0].abs().sum() > 0
+
+
+def test_bf16_autocast_training_matches_concatenated_path():
+    """Under bf16 autocast (tune(dtype="bf16")) the compressed linears take bf16 activations while q and k
+    leave the rotary embedding in fp32: both paths still run, and agree to bf16 precision."""
+    model = tiny_llama(seed=3)
+    ctp_fast.swap_linears(model, group_size=32)
+    p = SoftPrompt.from_vocab(model, 6, seed=1)
+    ids = windows(3, 12, high=128, seed=2)
+    grads, losses = [], []
+    for shared in (True, False):
+        p.embeddings.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = prompted_forward(model, p, ids, shared_prefix=shared)
+        out.loss.backward()
+        losses.append(float(out.loss.detach()))
+        grads.append(p.embeddings.grad.clone())
+    with torch.no_grad():
+        fp32 = float(prompted_forward(model, p, ids, shared_prefix=True).loss)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-2) and losses[0] == pytest.approx(fp32, rel=2e-2)
+    assert F.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0) > 0.99
 
 
 def test_prefill_decode_and_generate_match_concatenated_path():

@@ -11,6 +11,7 @@ import torch
 from ctp_fast import (CompressedLinear, DenseWeight, PackedWeight, Sparse24Weight, UnstructuredWeight, packed_linear,
                       packed_linear_grad_input)
 from ctp_fast.compress import magnitude_mask, nm_mask
+from conftest import kernel_weight
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,9 +39,10 @@ def make(fmt, n, k, g, sym, sparsity=None, bits=4, seed=0, scale_dtype=torch.flo
 
 
 def check_kernels(pw, ms=(1, 2, 3, 7, 16, 64, 129), dtype=torch.float32):
-    W = pw.unpack(torch.float64)
-    n, k = W.shape
+    W0 = pw.unpack(torch.float64)
+    n, k = W0.shape
     for m in ms:
+        W = kernel_weight(W0, dtype, m)  # bf16 on the bf16 dot-product path
         x = torch.randn(m, k).to(dtype)
         b = torch.randn(n)
         y = packed_linear(x, pw, b)

@@ -26,7 +26,8 @@
 
 namespace ctp {
 
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2 };
+// avx512bf16: the avx512 kernels, plus bf16 dot products (vdpbf16ps) for bf16 activations at M > GEMV_MAX_M.
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
 enum class ScaleType : int { f32 = 0, f16 = 1, bf16 = 2 };
 enum class Layout : int { dense = 0, sparse24 = 1, unstructured = 2 };
 
@@ -57,6 +58,9 @@ struct QView {
   int64_t nchunks() const { return (K + 31) / 32; }
 };
 
+// Up to this many rows of activations the kernels stream W once per call (GEMV); above it they tile.
+constexpr int64_t GEMV_MAX_M = 4;
+
 // Run body(ctx, begin, end) over [0, n) split into ranges, possibly in parallel.
 typedef void (*TaskFn)(void* ctx, int64_t begin, int64_t end);
 typedef void (*ParallelFn)(int64_t n, void* ctx, TaskFn body);
@@ -78,6 +82,16 @@ void linear(Isa isa, const QView& w, const float* x, int64_t M, const float* bia
 void linear_grad_input(Isa isa, const QView& w, const float* gy, int64_t M, float* gx,
                        ParallelFn par = run_serial);
 
+// bf16 activations x [M, K] (gy [M, N]), raw bf16 bits, row-major and contiguous; y, gx fp32. Only where
+// bf16_gemm(isa, M): W's dequantized values are rounded to bf16 (to nearest even) and meet the activations
+// in bf16 dot products with fp32 accumulation, as in a bf16 matmul. Elsewhere callers widen the
+// activations to fp32 and call linear / linear_grad_input, which use W exactly.
+bool bf16_gemm(Isa isa, int64_t M);
+void linear_bf16(const QView& w, const uint16_t* x, int64_t M, const float* bias, float* y,
+                 ParallelFn par = run_serial);
+void linear_grad_input_bf16(const QView& w, const uint16_t* gy, int64_t M, float* gx,
+                            ParallelFn par = run_serial);
+
 // Instruction sets: what this CPU supports, and their names.
 bool isa_supported(Isa isa);
 Isa best_isa();
@@ -95,5 +109,9 @@ CTP_DECLARE_ISA(scalar)
 CTP_DECLARE_ISA(avx2)
 CTP_DECLARE_ISA(avx512)
 #undef CTP_DECLARE_ISA
+namespace avx512bf16 {
+void linear_bf16(const QView& w, const uint16_t* x, int64_t M, const float* bias, float* y, ParallelFn par);
+void linear_grad_input_bf16(const QView& w, const uint16_t* gy, int64_t M, float* gx, ParallelFn par);
+}
 
 }  // namespace ctp

@@ -18,11 +18,13 @@ bool isa_supported(Isa isa) {
     case Isa::avx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+    case Isa::avx512bf16: return isa_supported(Isa::avx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 }
 
 Isa best_isa() {
+  if (isa_supported(Isa::avx512bf16)) return Isa::avx512bf16;
   if (isa_supported(Isa::avx512)) return Isa::avx512;
   if (isa_supported(Isa::avx2)) return Isa::avx2;
   return Isa::scalar;
@@ -30,6 +32,7 @@ Isa best_isa() {
 
 const char* isa_name(Isa isa) {
   switch (isa) {
+    case Isa::avx512bf16: return "avx512bf16";
     case Isa::avx512: return "avx512";
     case Isa::avx2: return "avx2";
     default: return "scalar";
@@ -37,7 +40,7 @@ const char* isa_name(Isa isa) {
 }
 
 bool isa_from_name(const char* name, Isa* out) {
-  const Isa all[] = {Isa::scalar, Isa::avx2, Isa::avx512};
+  const Isa all[] = {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512bf16};
   for (Isa isa : all) {
     if (std::strcmp(name, isa_name(isa)) == 0) {
       *out = isa;
@@ -71,6 +74,7 @@ const char* check_view(const QView& w) {
 
 const char* check_unstructured(const QView& w) {
   switch (best_isa()) {
+    case Isa::avx512bf16:
     case Isa::avx512: return avx512::check_unstructured(w);
     case Isa::avx2: return avx2::check_unstructured(w);
     default: return scalar::check_unstructured(w);
@@ -79,6 +83,7 @@ const char* check_unstructured(const QView& w) {
 
 void linear(Isa isa, const QView& w, const float* x, int64_t M, const float* bias, float* y, ParallelFn par) {
   switch (isa) {
+    case Isa::avx512bf16:  // fp32 activations: the avx512 kernels
     case Isa::avx512: return avx512::linear(w, x, M, bias, y, par);
     case Isa::avx2: return avx2::linear(w, x, M, bias, y, par);
     default: return scalar::linear(w, x, M, bias, y, par);
@@ -87,10 +92,21 @@ void linear(Isa isa, const QView& w, const float* x, int64_t M, const float* bia
 
 void linear_grad_input(Isa isa, const QView& w, const float* gy, int64_t M, float* gx, ParallelFn par) {
   switch (isa) {
+    case Isa::avx512bf16:
     case Isa::avx512: return avx512::linear_grad_input(w, gy, M, gx, par);
     case Isa::avx2: return avx2::linear_grad_input(w, gy, M, gx, par);
     default: return scalar::linear_grad_input(w, gy, M, gx, par);
   }
+}
+
+bool bf16_gemm(Isa isa, int64_t M) { return isa == Isa::avx512bf16 && M > GEMV_MAX_M; }
+
+void linear_bf16(const QView& w, const uint16_t* x, int64_t M, const float* bias, float* y, ParallelFn par) {
+  avx512bf16::linear_bf16(w, x, M, bias, y, par);
+}
+
+void linear_grad_input_bf16(const QView& w, const uint16_t* gy, int64_t M, float* gx, ParallelFn par) {
+  avx512bf16::linear_grad_input_bf16(w, gy, M, gx, par);
 }
 
 }  // namespace ctp

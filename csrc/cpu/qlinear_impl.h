@@ -31,7 +31,6 @@ constexpr int W = V::W;
 constexpr int C = 16 / W;       // byte chunks per 16-byte nibble column of a block
 constexpr int NV = 2 * C;       // vectors covering the 32 rows of a block; vector v = rows v*W..
 constexpr int NR = V::NRV * W;  // micro-kernel columns
-constexpr int64_t GEMV_MAX_M = 4;
 // Small-M kernels prefetch this far ahead in a block's stream: the hardware prefetcher alone left M=1
 // dense int4 latency-bound at half the memory bandwidth (Intel Xeon VM, 2 threads: 0.90 -> 0.67 ms at 4096x4096,
 // benchmarks/results/bench_formats_intel_avx512.md).
@@ -48,13 +47,14 @@ static inline int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t imax(int64_t a, int64_t b) { return a > b ? a : b; }
 static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-static float* alloc_floats(int64_t n) {
-  size_t bytes = (size_t(n) * sizeof(float) + 63) / 64 * 64;
+static void* alloc_zeroed(size_t bytes) {
+  bytes = (bytes + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, bytes ? bytes : 64);
   if (!p) std::abort();
   std::memset(p, 0, bytes);
-  return static_cast<float*>(p);
+  return p;
 }
+static float* alloc_floats(int64_t n) { return static_cast<float*>(alloc_zeroed(size_t(n) * sizeof(float))); }
 
 template <ScaleType ST>
 static inline F load_scale(const void* base, int64_t idx) {
@@ -531,17 +531,11 @@ static void gemv_dec_task(void* p, int64_t begin, int64_t end) {
 }
 
 // ---------------------------------------------------------------- micro-kernel
-// C[r][j] (+)= sum_p A[r * lda + p] * B[p * NR + j] for r < MRT, j < ncols (<= NR).
-// B is one packed panel (contiguous, so it stays in L1 across the rows of A).
-// first: start from bias (or zero) instead of C.
-// S24: B is a 2:4 panel (dequant_tile24): per quad of depth, rows [slot 0 values][slot 0 positions]
-// [slot 1 values][slot 1 positions]; each column's kept weight meets A's element at its position through
-// an in-register permute of A's quad, so half the FMAs of the dense panel (plus as many permutes, which
-// run on other ports).
-template <int MRT, bool S24>
-static void micro(const float* A, int64_t lda, const float* B, int64_t depth, float* Cm, int64_t ldc,
-                  int64_t ncols, bool first, const float* bias) {
-  F acc[MRT][V::NRV];
+// The accumulators of an MRT x NR micro-kernel: start from C, or (first) from bias or zero; columns
+// >= ncols are neither read nor written.
+template <int MRT>
+static CTP_INLINE void load_acc(F (*acc)[V::NRV], const float* Cm, int64_t ldc, int64_t ncols, bool first,
+                                const float* bias) {
   alignas(64) float tmp[NR];
   for (int r = 0; r < MRT; ++r) {
     const float* src = first ? bias : Cm + r * ldc;
@@ -555,6 +549,33 @@ static void micro(const float* A, int64_t lda, const float* B, int64_t depth, fl
     }
     for (int j = 0; j < V::NRV; ++j) acc[r][j] = V::load(src + j * W);
   }
+}
+
+template <int MRT>
+static CTP_INLINE void store_acc(F (*acc)[V::NRV], float* Cm, int64_t ldc, int64_t ncols) {
+  alignas(64) float tmp[NR];
+  for (int r = 0; r < MRT; ++r) {
+    if (ncols == NR) {
+      for (int j = 0; j < V::NRV; ++j) V::store(Cm + r * ldc + j * W, acc[r][j]);
+    } else {
+      for (int j = 0; j < V::NRV; ++j) V::store(tmp + j * W, acc[r][j]);
+      for (int64_t j = 0; j < ncols; ++j) Cm[r * ldc + j] = tmp[j];
+    }
+  }
+}
+
+// C[r][j] (+)= sum_p A[r * lda + p] * B[p * NR + j] for r < MRT, j < ncols (<= NR).
+// B is one packed panel (contiguous, so it stays in L1 across the rows of A).
+// first: start from bias (or zero) instead of C.
+// S24: B is a 2:4 panel (dequant_tile24): per quad of depth, rows [slot 0 values][slot 0 positions]
+// [slot 1 values][slot 1 positions]; each column's kept weight meets A's element at its position through
+// an in-register permute of A's quad, so half the FMAs of the dense panel (plus as many permutes, which
+// run on other ports).
+template <int MRT, bool S24>
+static void micro(const float* A, int64_t lda, const float* B, int64_t depth, float* Cm, int64_t ldc,
+                  int64_t ncols, bool first, const float* bias) {
+  F acc[MRT][V::NRV];
+  load_acc<MRT>(acc, Cm, ldc, ncols, first, bias);
   if constexpr (S24) {
     for (int64_t p = 0; p < depth; p += 4) {
       for (int slot = 0; slot < 2; ++slot) {
@@ -578,14 +599,7 @@ static void micro(const float* A, int64_t lda, const float* B, int64_t depth, fl
       }
     }
   }
-  for (int r = 0; r < MRT; ++r) {
-    if (ncols == NR) {
-      for (int j = 0; j < V::NRV; ++j) V::store(Cm + r * ldc + j * W, acc[r][j]);
-    } else {
-      for (int j = 0; j < V::NRV; ++j) V::store(tmp + j * W, acc[r][j]);
-      for (int64_t j = 0; j < ncols; ++j) Cm[r * ldc + j] = tmp[j];
-    }
-  }
+  store_acc<MRT>(acc, Cm, ldc, ncols);
 }
 
 template <int R, bool S24>
@@ -750,6 +764,27 @@ static TaskFn pick(const QView& w) {
   }
 }
 
+// Split M so that there are about `tasks` tasks for the threads when there are few column tiles, and into at
+// least min_chunks row chunks (each chunk dequantizes W again; chunks are at least 4 micro-kernel rows).
+template <class Ctx>
+static void split_rows(Ctx& c, int64_t col_tasks, int64_t tasks = 16, int64_t min_chunks = 1) {
+  int64_t want = imax(min_chunks, cdiv(tasks, col_tasks));
+  c.mtasks = imax(1, imin(want, c.M / (4 * V::MR)));
+  c.mchunk = cdiv(cdiv(c.M, c.mtasks), V::MR) * V::MR;
+  c.mtasks = cdiv(c.M, c.mchunk);
+}
+
+// grad_input computed in the packed column order (act-order): gx[:, perm[k]] = gxp[:, k], gxp freed.
+static void scatter_perm(const QView& w, float* gxp, int64_t M, float* gx) {
+  if (!w.perm) return;
+  const int64_t K = w.K;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) gx[m * K + w.perm[k]] = gxp[m * K + k];
+  std::free(gxp);
+}
+
+// The fp32 entry points; the bf16 compilation (qlinear_avx512bf16.cpp) has only its own, in qlinear_bf16.h.
+#ifndef CTP_BF16_GEMM
 template <ScaleType ST, bool A>
 static TaskFn pick_gemv_fast(const QView& w) {
   switch (w.layout) {
@@ -769,14 +804,6 @@ static TaskFn pick_gemv(const QView& w) {
     case ScaleType::f16: return a ? pick_gemv_fast<ScaleType::f16, true>(w) : pick_gemv_fast<ScaleType::f16, false>(w);
     default: return a ? pick_gemv_fast<ScaleType::bf16, true>(w) : pick_gemv_fast<ScaleType::bf16, false>(w);
   }
-}
-
-// Split M so that there are enough tasks for the threads when there are few column tiles.
-static void split_rows(GemmCtx& c, int64_t col_tasks) {
-  int64_t want = imax(1, cdiv(16, col_tasks));
-  c.mtasks = imax(1, imin(want, c.M / (4 * V::MR)));
-  c.mchunk = cdiv(cdiv(c.M, c.mtasks), V::MR) * V::MR;
-  c.mtasks = cdiv(c.M, c.mchunk);
 }
 
 const char* check_unstructured(const QView& w) {
@@ -846,12 +873,10 @@ void linear_grad_input(const QView& w, const float* gy, int64_t M, float* gx, Pa
   const int64_t col_tasks = cdiv(K, KT);
   split_rows(c, col_tasks);
   par(col_tasks * c.mtasks, &c, pick<GradTask>(w));
-  if (w.perm) {  // scatter back from the packed column order
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) gx[m * K + w.perm[k]] = gxp[m * K + k];
-    std::free(gxp);
-  }
+  scatter_perm(w, gxp, M, gx);
 }
+
+#endif  // CTP_BF16_GEMM
 
 }  // namespace CTP_ISA_NS
 }  // namespace ctp

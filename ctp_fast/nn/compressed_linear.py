@@ -118,6 +118,10 @@ class CompressedLinear(nn.Module):
         return mod.to(weight.device) if weight.device.type != "cpu" else mod
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast, as nn.Linear: the activations in the autocast dtype (on the CPU, bf16 runs the
+        # kernels' bf16 dot products at larger M); the packed weight and its scales stay as stored.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return packed_linear(x, self.weight_format, self.bias)
 
     def dequantize(self) -> nn.Linear:

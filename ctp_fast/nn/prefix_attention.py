@@ -116,6 +116,11 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         raise RuntimeError("the ctp_prefix attention runs only inside ctp_fast.nn.prefix_attention.attend(...)")
     mode, payload = state
     layer = module.layer_idx
+    if not query.dtype == key.dtype == value.dtype:
+        # under autocast q and k leave the rotary embedding in fp32 while v is its projection's bf16:
+        # attention (fp32 inside the kernel anyway) takes them in their common, wider type
+        dt = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+        query, key, value = query.to(dt), key.to(dt), value.to(dt)
     if mode == "capture":  # the prompt alone, batch 1: plain causal attention, keep its K/V
         payload[layer] = (key[0], value[0])
         empty = key.new_zeros(key.shape[1], 0, key.shape[3])

@@ -441,8 +441,67 @@ void test_weight(Rng& rng, const Weight& w, const std::vector<int64_t>& Ms, cons
   }
 }
 
+// bf16 as the kernels and torch round (to nearest even; no NaNs here).
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+}
+double from_bf16(uint16_t h) {
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// The bf16 dot-product path (linear_bf16 / linear_grad_input_bf16, where bf16_gemm): bf16 activations times
+// W rounded to bf16 from its fp32 value, fp32 accumulation. The reference rounds the same way, in double.
+void test_weight_bf16(Rng& rng, const Weight& w, const std::vector<int64_t>& Ms) {
+  if (!ctp::isa_supported(ctp::Isa::avx512bf16)) return;
+  const int64_t N = w.N, K = w.K;
+  const ctp::QView view = w.view();
+  std::vector<double> wb(N * K), wbt(K * N);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t k = 0; k < K; ++k) wb[n * K + k] = wbt[k * N + n] = from_bf16(to_bf16(float(w.dense[n * K + k])));
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  for (int64_t M : Ms) {
+    if (!ctp::bf16_gemm(ctp::Isa::avx512bf16, M)) continue;
+    std::vector<uint16_t> x(M * K), gy(M * N);
+    std::vector<double> xd(M * K), gyd(M * N);
+    std::vector<float> bias(N);
+    for (int64_t i = 0; i < M * K; ++i) x[i] = to_bf16(rng.uniform(-1.f, 1.f)), xd[i] = from_bf16(x[i]);
+    for (int64_t i = 0; i < M * N; ++i) gy[i] = to_bf16(rng.uniform(-1.f, 1.f)), gyd[i] = from_bf16(gy[i]);
+    for (auto& v : bias) v = rng.uniform(-1.f, 1.f);
+    std::vector<double> y_ref(M * N), y_mag(M * N), gx_ref(M * K), gx_mag(M * K);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t n = 0; n < N; ++n) {
+        dot_mag(&xd[m * K], &wb[n * K], K, &y_ref[m * N + n], &y_mag[m * N + n]);
+        y_ref[m * N + n] += bias[n], y_mag[m * N + n] += std::fabs(double(bias[n]));
+      }
+      for (int64_t k = 0; k < K; ++k) dot_mag(&gyd[m * N], &wbt[k * N], N, &gx_ref[m * K + k], &gx_mag[m * K + k]);
+    }
+    std::vector<float> serial_y, serial_gx;
+    for (const Runner& run : kRunners) {
+      std::vector<float> y(M * N, nan), gx(M * K, nan);
+      ctp::linear_bf16(view, x.data(), M, bias.data(), y.data(), run.fn);
+      ctp::linear_grad_input_bf16(view, gy.data(), M, gx.data(), run.fn);
+      const ctp::Isa isa = ctp::Isa::avx512bf16;
+      std::string err = compare(y, y_ref, y_mag, N);
+      check(err.empty(), describe(isa, w, M, "linear_bf16", run.name) + ": " + err);
+      err = compare(gx, gx_ref, gx_mag, K);
+      check(err.empty(), describe(isa, w, M, "linear_grad_input_bf16", run.name) + ": " + err);
+      if (run.fn == ctp::run_serial) {
+        serial_y = y, serial_gx = gx;
+      } else {
+        check(same_bits(y, serial_y) && same_bits(gx, serial_gx),
+              describe(isa, w, M, "bf16", run.name) + ": threaded result differs bitwise from serial");
+      }
+    }
+  }
+}
+
 void test_isa_names() {
-  const ctp::Isa all[] = {ctp::Isa::scalar, ctp::Isa::avx2, ctp::Isa::avx512};
+  const ctp::Isa all[] = {ctp::Isa::scalar, ctp::Isa::avx2, ctp::Isa::avx512, ctp::Isa::avx512bf16};
   for (ctp::Isa isa : all) {
     ctp::Isa back = ctp::Isa::scalar;
     check(ctp::isa_from_name(ctp::isa_name(isa), &back) && back == isa,
@@ -538,6 +597,8 @@ int main() {
   }
   std::printf("testing isas:");
   for (ctp::Isa isa : isas) std::printf(" %s", ctp::isa_name(isa));
+  std::printf(ctp::isa_supported(ctp::Isa::avx512bf16) ? " + avx512bf16 (bf16 activations)"
+                                                        : "; skipping avx512bf16: not supported by this CPU");
   std::printf("%s\n", quick ? " (CTP_TEST_QUICK: reduced sweep)" : "");
 
   Rng rng(12345);
@@ -583,6 +644,7 @@ int main() {
               if (st != turn) continue;
               Weight w = make_weight(rng, fmt, N, K, gs, st, asym != 0, permuted != 0);
               test_weight(rng, w, Ms, isas);
+              test_weight_bf16(rng, w, Ms);
               ++configs, ++fmt_configs;
             }
           }
