@@ -16,6 +16,7 @@
 //    forward, NCT x KT transposed for grad_input) and fed to a register-blocked FMA micro-kernel.
 //    The 2:4 forward keeps its panels sparse (kept values and positions) and its micro-kernel does
 //    half the FMAs, picking x through an in-register permute.
+//  * bf16 activations at larger M on AVX512_BF16: qlinear_bf16.h, the same decoders and tiles in bf16 pairs.
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
