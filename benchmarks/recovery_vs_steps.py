@@ -6,10 +6,11 @@ with its own cosine schedule, and reports the wiki test loss (the demo's 8 x 512
 recovered, (loss_compressed - loss_prompted) / (loss_compressed - loss_dense), beside tuning time. --init
 compares prompt initialisations (text: the demo's, the first training tokens; vocab: sampled rows), --lr
 peak learning rates (default: tune's, 3e-2 for AdamW), --window train windows per step, BATCHxTOKENS
-(default: the demo's).
+(default: the demo's), --dtype the tuning compute (fp32, the demo's; bf16: autocast, the packed kernels'
+bf16 dot products on AVX512_BF16 CPUs).
 
     python benchmarks/recovery_vs_steps.py --model runs/demo/model-int4+50pct [--steps 150,600] [--init text,vocab]
-                                           [--lr 3e-2,1e-1] [--window 1x256,1x512]
+                                           [--lr 3e-2,1e-1] [--window 1x256,1x512] [--dtype fp32,bf16]
 
 Writes benchmarks/results/recovery_vs_steps.{json,md}.
 """
@@ -54,11 +55,15 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", default="", help="comma-separated peak learning rates (empty: tune's default)")
     ap.add_argument("--window", default="", help="comma-separated train windows BATCHxTOKENS, e.g. 1x256,1x512 "
                     "(empty: the demo's)")
+    ap.add_argument("--dtype", default="fp32", help="comma-separated tuning compute dtypes: fp32, bf16")
     ap.add_argument("--out", default=str(OUT / "recovery_vs_steps"))
     args = ap.parse_args(argv)
     cfg = DemoConfig()
     windows = [parse_window(ap, w) for w in args.window.split(",")] if args.window else \
         [(cfg.batch_size, cfg.train_seqlen)]
+    dtypes = args.dtype.split(",")
+    if not set(dtypes) <= {"fp32", "bf16"}:
+        ap.error(f"--dtype: expected fp32 and/or bf16, comma-separated, got {args.dtype!r}")
     dense, tok = load_model(cfg.model)
     model = load_compressed(args.model)
     test = test_windows(cfg, tok, "wiki")
@@ -66,14 +71,14 @@ def main(argv=None) -> int:
     lc = perplexity(model, test, 4).loss
     rows = []
     lrs = [float(v) for v in args.lr.split(",")] if args.lr else [None]
-    for (batch, seqlen), init, lr, steps in itertools.product(windows, args.init.split(","), lrs,
-                                                             [int(s) for s in args.steps.split(",")]):
+    for (batch, seqlen), init, lr, steps, dtype in itertools.product(windows, args.init.split(","), lrs,
+                                                                    [int(s) for s in args.steps.split(",")], dtypes):
         run = dataclasses.replace(cfg, steps=steps, init=init, lr=lr, batch_size=batch, train_seqlen=seqlen)
         train, val = tuning_windows(run, tok)
-        tune_config = run.tune_config(prompt_init_text(run, tok, train))
+        tune_config = dataclasses.replace(run.tune_config(prompt_init_text(run, tok, train)), dtype=dtype)
         t = time.perf_counter()
         result = tune(model, train, val, tune_config, test_windows=test, tokenizer=tok)
-        rows.append({"init": init, "lr": tune_config.resolved_lr, "steps": steps,
+        rows.append({"init": init, "lr": tune_config.resolved_lr, "steps": steps, "dtype": dtype,
                      "window": f"{batch} x {seqlen}",
                      "train_tokens": steps * batch * seqlen, "windows_available": len(train),
                      "seconds": time.perf_counter() - t, "best_step": result.best_step, "test_loss": result.test_loss,
@@ -84,9 +89,9 @@ def main(argv=None) -> int:
     lines = ["# Gap recovered on wiki test against tuning steps, initialisation and peak learning rate "
              "(demo settings, int4+50% SmolLM2-135M)", "",
              f"Dense test loss {ld:.4f}, int4+50% {lc:.4f} (8 x 512 wiki test tokens). Each row is its own run.", "",
-             "| init | lr | steps | batch x tokens | train tokens | tuning min | best step | test loss | gap recovered |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['init']} | {r['lr']:g} | {r['steps']} | {r['window']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | "
+             "| init | lr | dtype | steps | batch x tokens | train tokens | tuning min | best step | test loss | gap recovered |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['init']} | {r['lr']:g} | {r['dtype']} | {r['steps']} | {r['window']} | {r['train_tokens']} | {r['seconds'] / 60:.1f} | "
               f"{r['best_step']} | {r['test_loss']:.4f} | {percent(r['gap_recovered'])} |" for r in rows]
     write_text(Path(args.out + ".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -5,7 +5,7 @@
   ctp tune --model runs/gptq4 --corpus wiki --out runs/prompt
   torchrun --nproc_per_node 2 -m ctp_fast tune --model runs/gptq4 --out runs/prompt   (data parallel)
   ctp transfer --prompts runs/prompt/best --models gemma=gemma3-270m --dense smollm2-135m,gemma3-270m --bridge auto
-  ctp demo [--quick] [--steps N]
+  ctp demo [--quick] [--steps N] [--dtype fp32|bf16]
   ctp bench kernels|formats|prefix|e2e [--quick]
 """
 from __future__ import annotations
@@ -225,6 +225,8 @@ def cmd_demo(args) -> int:
         if args.steps < 1:
             raise SystemExit(f"ctp demo: --steps: expected a positive integer, got {args.steps}")
         kw["steps"] = args.steps
+    if args.dtype is not None:
+        kw["dtype"] = args.dtype
     cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
     run_demo(cfg)
     return 0
@@ -311,7 +313,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a small run (about 4 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=None,
-                   help="prompt-tuning steps (default 200, quick 20; 1000 recovers more of the gap in ~45 min more)")
+                   help="prompt-tuning steps (default 400, quick 20; more recover more of the gap, ~2 s a step)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="prompt-tuning compute (default fp32; bf16: autocast, faster on AVX512_BF16 CPUs)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks")

@@ -6,6 +6,7 @@ import importlib.util
 import pytest
 import torch
 
+import ctp_fast
 from ctp_fast.data import CORPORA, load_corpus, split_documents
 from ctp_fast.eval import ClozeExample, cloze_accuracy, cloze_examples
 
@@ -125,7 +126,8 @@ def test_demo_prompt_starts_from_the_first_training_tokens():
 
 
 def test_demo_cli_steps(monkeypatch, tmp_path):
-    """`ctp demo --steps N` reaches the demo's config, for the default and the quick run; 0 is refused."""
+    """`ctp demo --steps N` and `--dtype` reach the demo's config, for the default and the quick run; bad values
+    are refused."""
     from ctp_fast import cli, demo
 
     seen = []
@@ -138,6 +140,11 @@ def test_demo_cli_steps(monkeypatch, tmp_path):
                                                          (7, True, out)]
     with pytest.raises(SystemExit, match="--steps: expected a positive integer, got 0"):
         cli.main(["demo", "--steps", "0"])
+    assert cli.main(["demo", "--out", out, "--dtype", "bf16"]) == 0
+    assert seen[-1].dtype == "bf16" and seen[-1].tune_config("some text").dtype == "bf16"
+    assert seen[0].tune_config("some text").dtype == demo.DemoConfig().dtype
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        cli.main(["demo", "--dtype", "fp16"])
 
 
 def test_demo_report_gap_recovered_and_stage_times():
@@ -161,6 +168,11 @@ def test_demo_report_gap_recovered_and_stage_times():
     assert "| int4+2:4 | -25.0% | n/a | n/a |" in text
     assert "| dense (loss change) | -0.100 | +0.100 | +0.100 |" in text
     assert "Total time 10.0 min (tune the prompt 7.0, the rest 3.0)." in text
+    assert "Environment" not in text  # reports written before it was recorded still render
+    env = demo.environment()
+    assert env["torch"] == torch.__version__ and env["isa"] == ctp_fast.get_isa() and env["transformers"]
+    text = demo.render({"rows": rows, "config": cfg, "memory": mem, "seconds": 600.0, "environment": env})
+    assert f"Environment: torch {env['torch']}, transformers {env['transformers']}, kernels {env['isa']}," in text
 
 
 def test_recovery_vs_steps_window_argument(capsys):
@@ -179,3 +191,6 @@ def test_recovery_vs_steps_window_argument(capsys):
         with pytest.raises(SystemExit):
             mod.parse_window(ap, bad)
         assert "--window: expected BATCHxTOKENS" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # refused before any model loads
+        mod.main(["--dtype", "fp32,fp16", "--model", "/nonexistent"])
+    assert "--dtype: expected fp32 and/or bf16" in capsys.readouterr().err

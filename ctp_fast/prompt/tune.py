@@ -77,7 +77,8 @@ class TuneConfig:
     steps: int = 200                   # optimizer steps
     eval_every: int = 50               # validation every N steps (and at step 0 and at the end)
     save_every: int | None = None      # checkpoint every N steps; None: eval_every
-    dtype: str = "fp32"                # fp32 | bf16 (autocast of the model compute; the prompt stays fp32)
+    dtype: str = "fp32"                # fp32 | bf16 (autocast of the model compute, packed linears included:
+                                       # bf16 dot products on avx512bf16; the prompt and the loss head stay fp32)
     seed: int = 0
     shared_prefix: bool | None = None  # prompt K/V computed once per step (None: when the model supports it)
 
