@@ -5,7 +5,7 @@
   ctp tune --model runs/gptq4 --corpus wiki --out runs/prompt
   torchrun --nproc_per_node 2 -m ctp_fast tune --model runs/gptq4 --out runs/prompt   (data parallel)
   ctp transfer --prompts runs/prompt/best --models gemma=gemma3-270m --dense smollm2-135m,gemma3-270m --bridge auto
-  ctp demo [--quick] [--steps N] [--dtype fp32|bf16]
+  ctp demo [--quick] [--steps N] [--max-minutes M] [--dtype fp32|bf16]
   ctp bench kernels|formats|prefix|e2e [--quick]
 """
 from __future__ import annotations
@@ -225,6 +225,11 @@ def cmd_demo(args) -> int:
         if args.steps < 1:
             raise SystemExit(f"ctp demo: --steps: expected a positive integer, got {args.steps}")
         kw["steps"] = args.steps
+        kw["max_minutes"] = None  # asked for N steps: N steps, however long they take
+    if args.max_minutes is not None:
+        if not args.max_minutes >= 0:
+            raise SystemExit(f"ctp demo: --max-minutes: expected a number >= 0 (0: no budget), got {args.max_minutes}")
+        kw["max_minutes"] = args.max_minutes or None
     if args.dtype is not None:
         kw["dtype"] = args.dtype
     cfg = DemoConfig.quick_config(**kw) if args.quick else DemoConfig(**kw)
@@ -313,7 +318,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a small run (about 4 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=None,
-                   help="prompt-tuning steps (default 400, quick 20; more recover more of the gap, ~2 s a step)")
+                   help="prompt-tuning steps, run whatever the time (default: 400, quick 20, cut to fit --max-minutes)")
+    p.add_argument("--max-minutes", type=float, default=None,
+                   help="the run's time budget: fewer tuning steps on a slow machine (default 20, quick 4; 0: none)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="prompt-tuning compute (default fp32; bf16: autocast, faster on AVX512_BF16 CPUs)")
     p.set_defaults(fn=cmd_demo)

@@ -3,7 +3,7 @@
 1. Evaluate the dense model on three corpora (wiki lead sections, wiki articles, news).
 2. Compress it twice with SparseGPT, jointly with int4: 4-bit + 50% unstructured and 4-bit + 2:4.
 3. Learn a soft prompt on the 4-bit + 50% model (wiki train split, best by wiki validation loss),
-   with gradients through the packed kernels.
+   with gradients through the packed kernels; as many steps as the time budget allows, at most `steps`.
 4. Evaluate compressed, compressed + prompt, the prompt on the other compression and on the dense
    model (transfer), on all three corpora; cloze accuracy; model bytes; tokens per second; peak memory
    of tuning on the packed model against the dense fp32 model.
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -51,12 +51,13 @@ class DemoConfig:
     eval_seqlen: int = 512
     n_tokens: int = 100             # the most the issue allows; cheap with the shared prompt cache
     init: str = "text"              # the first training tokens (see prompt_init_text); "vocab": sampled rows
-    steps: int = 400                # 13.6 min of tuning on a busy 2-core host (2 s a step)
+    steps: int = 400                # 13.6 min of tuning on a busy 2-core Intel host (2 s a step), or fewer: max_minutes
     batch_size: int = 1             # same train tokens, same checkpoint: 400 x (1 x 256) recovered 39.9% of
     train_seqlen: int = 256         # the wiki gap, 200 x (1 x 512) 37.2% (benchmarks/results/recovery_vs_windows.md)
     eval_every: int = 50
     lr: float | None = None
     dtype: str = "fp32"             # tuning compute; bf16: autocast, the packed kernels' bf16 dot products
+    max_minutes: float | None = 20.0  # the whole run's budget: tuning steps are cut (never raised) to fit it
     cloze: int = 100
     seed: int = 0
 
@@ -71,7 +72,7 @@ class DemoConfig:
     @classmethod
     def quick_config(cls, **kw) -> "DemoConfig":
         base = dict(quick=True, calib_windows=8, calib_seqlen=128, eval_windows=2, eval_seqlen=256, steps=20,
-                    batch_size=2, train_seqlen=64, eval_every=10, cloze=20)
+                    batch_size=2, train_seqlen=64, eval_every=10, cloze=20, max_minutes=4.0)
         base.update(kw)
         return cls(**base)
 
@@ -164,8 +165,24 @@ def prompt_init_text(cfg: DemoConfig, tok, train: torch.Tensor) -> str | None:
     return tok.decode(train[:math.ceil(cfg.n_tokens / train.shape[1])].flatten(), skip_special_tokens=True)
 
 
+# The stages after tuning (evaluating the prompt and its transfer, cloze, speed, peak memory) took 0.69x
+# (Intel, 2026-12-06: 3.3 min after 4.8 before), 0.82x (AMD AVX2, 2026-11-28: 5.3 after 6.5) and 0.74x
+# (AMD AVX2, 2026-12-07: 4.8 after 6.5) as long as the stages before it; validation and the final test
+# pass add about 10% to the tuning steps (2026-12-07: 400 steps in 18.5 min, 2.5-2.6 s a step).
+AFTER_TUNING_SHARE = 0.9
+VALIDATION_OVERHEAD = 1.1
+
+
+def steps_within_budget(cfg: DemoConfig, elapsed_s: float, step_s: float) -> int:
+    """The tuning steps (at most cfg.steps, a multiple of 10, at least 10) that keep the whole run within
+    cfg.max_minutes, `elapsed_s` into it, at `step_s` seconds a step."""
+    left = cfg.max_minutes * 60 - elapsed_s * (1 + AFTER_TUNING_SHARE)
+    fit = int(left / (step_s * VALIDATION_OVERHEAD)) // 10 * 10
+    return max(10, min(cfg.steps, fit))
+
+
 def run_demo(cfg: DemoConfig) -> dict:
-    from .prompt import tune
+    from .prompt import seconds_per_step, tune
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +221,17 @@ def run_demo(cfg: DemoConfig) -> dict:
         rows[name] = {"loss": losses(model, label=name), "compress_s": rep.seconds}
         stage_done(f"compress and evaluate {name}")
     source = "int4+50%"
-    result = tune(models[source], train, val, cfg.tune_config(prompt_init_text(cfg, tok, train)), out_dir=out / "prompt",
+    tune_cfg = cfg.tune_config(prompt_init_text(cfg, tok, train))
+    budget = None
+    if cfg.max_minutes is not None:
+        step_s = seconds_per_step(models[source], train, tune_cfg, tok)
+        steps = steps_within_budget(cfg, time.time() - t0, step_s)
+        budget = {"max_minutes": cfg.max_minutes, "step_seconds": step_s, "steps": steps}
+        if steps < cfg.steps:
+            log.warning("demo: %.2f s a tuning step: %d steps instead of %d keep the run within %g minutes "
+                        "(--steps N runs N whatever the time)", step_s, steps, cfg.steps, cfg.max_minutes)
+            tune_cfg = replace(tune_cfg, steps=steps)
+    result = tune(models[source], train, val, tune_cfg, out_dir=out / "prompt",
                   test_windows=evals["wiki"], tokenizer=tok,
                   metadata={"model": cfg.model, "compression": RECIPES[source], "corpus": "wiki"})
     prompt = result.prompt
@@ -235,7 +262,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     mem["share_of_weight_saving"] = mem["peak_saved_mib"] / mem["weights_saved_mib"]
     stage_done("peak memory of tuning")
 
-    report = {"config": asdict(cfg), "rows": rows, "memory": mem, "tune": result.to_dict(),
+    report = {"config": asdict(cfg), "rows": rows, "memory": mem, "tune": result.to_dict(), "budget": budget,
               "seconds": time.time() - t0, "stage_seconds": stages, "environment": environment()}
     write_json(out / "report.json", report)
     text = render(report)
@@ -260,12 +287,20 @@ def gap(rows, target: str, tuned: str, corpus: str) -> float | None:
     return gap_recovered(rows[target]["loss"][corpus], rows[tuned]["loss"][corpus], rows["dense"]["loss"][corpus])
 
 
+def steps_text(report: dict) -> str:
+    cfg, budget = report["config"], report.get("budget")
+    if not budget or budget["steps"] >= cfg["steps"]:
+        return f"{cfg['steps']} steps"
+    return (f"{budget['steps']} steps ({cfg['steps']} asked, cut to fit the {budget['max_minutes']:g}-minute budget "
+            f"at {budget['step_seconds']:.2f} s a step; --steps N runs N)")
+
+
 def render(report: dict) -> str:
     rows, cfg, mem = report["rows"], report["config"], report["memory"]
     head = "| setting | " + " | ".join(f"{c} ppl" for c in CORPORA) + " | cloze | linears MiB | prefill tok/s | decode tok/s |"
     lines = [f"# ctp demo: {cfg['model']}{' (quick)' if cfg['quick'] else ''}", "",
              f"Test split, {cfg['eval_windows']} windows x {cfg['eval_seqlen']} tokens per corpus; prompt of "
-             f"{cfg['n_tokens']} tokens tuned {cfg['steps']} steps on the int4+50% model (wiki train, best by wiki val).",
+             f"{cfg['n_tokens']} tokens tuned {steps_text(report)} on the int4+50% model (wiki train, best by wiki val).",
              "", head, "|" + " --- |" * (len(CORPORA) + 5)]
     for name, r in rows.items():
         cells = [f"{math.exp(r['loss'][c]):.2f}" for c in CORPORA]

@@ -145,6 +145,29 @@ def test_demo_cli_steps(monkeypatch, tmp_path):
     assert seen[0].tune_config("some text").dtype == demo.DemoConfig().dtype
     with pytest.raises(SystemExit):  # argparse: invalid choice
         cli.main(["demo", "--dtype", "fp16"])
+    # the time budget: on by default, off when N steps are asked for, unless --max-minutes is given too
+    assert (seen[0].max_minutes, seen[1].max_minutes, seen[2].max_minutes) == (20.0, None, None)
+    assert demo.DemoConfig.quick_config().max_minutes == 4.0
+    for argv, want in [(["--max-minutes", "15"], 15.0), (["--max-minutes", "0"], None),
+                       (["--steps", "300", "--max-minutes", "12.5"], 12.5), (["--quick"], 4.0)]:
+        assert cli.main(["demo", "--out", out, *argv]) == 0
+        assert seen[-1].max_minutes == want, argv
+    with pytest.raises(SystemExit, match="--max-minutes: expected a number >= 0"):
+        cli.main(["demo", "--max-minutes", "-1"])
+
+
+def test_demo_steps_within_budget():
+    """Tuning steps fit what the budget leaves after the stages so far and the estimate of those after
+    tuning; never more than asked, at least 10, a multiple of 10."""
+    from ctp_fast import demo
+
+    cfg = demo.DemoConfig(steps=400, max_minutes=20.0)
+    left = 20 * 60 - 300 * (1 + demo.AFTER_TUNING_SHARE)  # 5 minutes in
+    want = int(left / (2.0 * demo.VALIDATION_OVERHEAD)) // 10 * 10
+    assert demo.steps_within_budget(cfg, 300.0, 2.0) == want and 0 < want < 400 and want % 10 == 0
+    assert demo.steps_within_budget(cfg, 300.0, 0.01) == 400       # a fast machine runs what was asked
+    assert demo.steps_within_budget(cfg, 20 * 60.0, 2.0) == 10     # over budget already: the fewest steps
+    assert demo.steps_within_budget(cfg, 300.0, 4.0) < demo.steps_within_budget(cfg, 300.0, 2.0)
 
 
 def test_demo_report_gap_recovered_and_stage_times():
@@ -173,6 +196,12 @@ def test_demo_report_gap_recovered_and_stage_times():
     assert env["torch"] == torch.__version__ and env["isa"] == ctp_fast.get_isa() and env["transformers"]
     text = demo.render({"rows": rows, "config": cfg, "memory": mem, "seconds": 600.0, "environment": env})
     assert f"Environment: torch {env['torch']}, transformers {env['transformers']}, kernels {env['isa']}," in text
+    assert "tuned 140 steps on" in text
+    cut = {"max_minutes": 20.0, "step_seconds": 2.512, "steps": 90}
+    text = demo.render({"rows": rows, "config": cfg, "memory": mem, "seconds": 600.0, "budget": cut})
+    assert "tuned 90 steps (140 asked, cut to fit the 20-minute budget at 2.51 s a step; --steps N runs N) on" in text
+    text = demo.render({"rows": rows, "config": cfg, "memory": mem, "seconds": 600.0, "budget": {**cut, "steps": 140}})
+    assert "tuned 140 steps on" in text
 
 
 def test_recovery_vs_steps_window_argument(capsys):

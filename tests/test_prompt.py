@@ -288,6 +288,34 @@ def test_tune_lowers_loss_and_freezes_model(tiny, tmp_path):
     assert torch.equal(again.prompt.embeddings, res.prompt.embeddings)
 
 
+def test_seconds_per_step_times_the_tuning_step_and_leaves_the_model_alone(tiny, monkeypatch):
+    """seconds_per_step runs tune()'s step loss on grad_accum micro-batches of batch_size windows (one untimed
+    step, then `repeats`), restores the model's flags and changes none of its weights."""
+    import importlib
+
+    from ctp_fast.prompt import seconds_per_step
+    tune_mod = importlib.import_module("ctp_fast.prompt.tune")  # the module (the package's `tune` is the function)
+
+    calls = []
+    step_loss = tune_mod._step_loss
+
+    def counting(model, prompt, ids, config):
+        calls.append(tuple(ids.shape))
+        return step_loss(model, prompt, ids, config)
+    monkeypatch.setattr(tune_mod, "_step_loss", counting)
+    before = [prm.detach().clone() for prm in tiny.parameters()]
+    tiny.train()
+    cfg = TuneConfig(n_tokens=4, batch_size=3, grad_accum=2)
+    s = seconds_per_step(tiny, windows(5, 16), cfg, repeats=2)
+    assert math.isfinite(s) and s > 0
+    assert calls == [(3, 16)] * 6
+    assert tiny.training and all(prm.requires_grad and prm.grad is None for prm in tiny.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.parameters()))
+    tiny.eval()
+    with pytest.raises(ValueError, match="train_windows"):
+        seconds_per_step(tiny, torch.zeros(4), cfg)
+
+
 class _Crash(Exception):
     pass
 

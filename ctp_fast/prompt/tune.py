@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -227,6 +228,50 @@ def evaluate(model, windows: torch.Tensor, prompt: SoftPrompt | None, batch_size
                           desc=desc)
 
 
+@contextmanager
+def _frozen(model):
+    """Every model parameter frozen and the model in eval mode; both restored on exit."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was_training)
+
+
+def _step_loss(model, prompt: SoftPrompt, ids: torch.Tensor, config: TuneConfig) -> torch.Tensor:
+    """One micro-batch's training loss, as every tuning step computes it."""
+    with _autocast(model, config.dtype):
+        return prompted_forward(model, prompt, ids, shared_prefix=config.shared_prefix, logits=False).loss
+
+
+def seconds_per_step(model, train_windows: torch.Tensor, config: TuneConfig, tokenizer=None,
+                     repeats: int = 3) -> float:
+    """Median wall seconds of one tuning step's forward and backward passes (grad_accum micro-batches of
+    batch_size training windows) on `model`, after one untimed step; the prompt is a throwaway copy of
+    the run's initial one and nothing of the model changes. For fitting a run into a time budget."""
+    train_windows = _check_windows("train_windows", train_windows)
+    device = model.get_input_embeddings().weight.device
+    times = []
+    with _frozen(model):
+        prompt = init_prompt(model, config, tokenizer).to(device)
+        for i in range(repeats + 1):
+            t = time.perf_counter()
+            for j in range(config.grad_accum):
+                first = (i * config.grad_accum + j) * config.batch_size
+                ids = train_windows[torch.arange(first, first + config.batch_size) % len(train_windows)].to(device)
+                (_step_loss(model, prompt, ids, config) / config.grad_accum).backward()
+            prompt.embeddings.grad = None
+            times.append(time.perf_counter() - t)
+    return statistics.median(times[1:])
+
+
 class _Order:
     """The training windows in a seeded permutation per epoch; `pos` counts windows consumed."""
 
@@ -319,14 +364,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
     device = model.get_input_embeddings().weight.device
     started = time.perf_counter()
 
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    was_training = model.training
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        model.eval()
-
+    with _frozen(model):
         prompt = init_prompt(model, config, tokenizer).to(device)
         optimizer = _optimizer([prompt.embeddings], config)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
@@ -413,8 +451,7 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
                 ids = distributed.shard(train_windows[order.take(pos, config.batch_size)]).to(device)
                 pos += config.batch_size
                 share = _token_share(ids, step)  # this rank's fraction of the micro-batch's scored tokens
-                with _autocast(model, config.dtype):
-                    loss = prompted_forward(model, prompt, ids, shared_prefix=config.shared_prefix, logits=False).loss
+                loss = _step_loss(model, prompt, ids, config)
                 if not torch.isfinite(loss.detach()):
                     raise FloatingPointError(f"step {step + 1}: training loss is {float(loss)} "
                                              f"(lr {config.resolved_lr} too high?)")
@@ -464,10 +501,6 @@ def tune(model, train_windows: torch.Tensor, val_windows: torch.Tensor | None, c
             write_json(out / "result.json", result.to_dict())
             plot_curves(history, out / "curves.png")
         return result
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-        model.train(was_training)
 
 
 def _check_resume(state: dict, config: TuneConfig, fingerprint: list, path: Path) -> None:
