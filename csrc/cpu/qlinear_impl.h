@@ -297,7 +297,8 @@ struct UnstructuredCols {
       const uint64_t nibs = V::pdep(mh, 0x1111111111111111ull) * 15;  // each kept row's nibble all ones
       uint64_t raw;
       std::memcpy(&raw, p, 8);  // the stream ends with 8 spare bytes
-      col[h] = V::pdep(raw, nibs) ^ (h ? z1 : z0);
+      col[h] = V::pdep(raw, nibs);
+      if constexpr (ASYM) col[h] ^= h ? z1 : z0;  // symmetric: the nibbles are already code - 8
       p += half_bytes(uint32_t(mh));
     }
   }
