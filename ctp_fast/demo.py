@@ -273,8 +273,9 @@ def run_demo(cfg: DemoConfig) -> dict:
 
 
 def environment() -> dict:
-    """What the figures depend on beyond the config: the same recipe compressed under another transformers
-    gave another int4+50% checkpoint (wiki test loss 3.7145 against 3.7852), and speed depends on the rest."""
+    """What the figures depend on beyond the config: the same recipe gave different int4+50% checkpoints
+    on different hosts and package sets (wiki test loss 3.7852 and 3.7145 on Intel VMs, 3.6956 twice on
+    an AMD one), and speed depends on the rest."""
     import transformers
 
     from . import get_isa
