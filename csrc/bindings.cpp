@@ -44,7 +44,7 @@ void set_isa(const std::string& name) {
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> out;
-  for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512bf16})
+  for (Isa isa : {Isa::scalar, Isa::avx2, Isa::avx512, Isa::avx512bf16, Isa::amx})
     if (ctp::isa_supported(isa)) out.push_back(ctp::isa_name(isa));
   return out;
 }
@@ -366,7 +366,7 @@ TORCH_LIBRARY_IMPL(ctp_fast, CPU, m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ctp_fast kernels (ops are registered under torch.ops.ctp_fast)";
-  m.def("set_isa", &set_isa, "Force the CPU instruction-set path: 'scalar', 'avx2', 'avx512' or 'avx512bf16'.");
+  m.def("set_isa", &set_isa, "Force the CPU instruction-set path: 'scalar', 'avx2', 'avx512', 'avx512bf16' or 'amx'.");
   m.def("get_isa", []() { return std::string(ctp::isa_name(current_isa())); },
         "The CPU instruction-set path in use.");
   m.def("supported_isas", &supported_isas, "Instruction-set paths this CPU can run.");

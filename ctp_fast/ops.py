@@ -120,7 +120,7 @@ int4_linear_grad_input = packed_linear_grad_input
 
 
 def set_isa(name: str) -> None:
-    """Force the CPU instruction-set path ('scalar', 'avx2', 'avx512', 'avx512bf16'); CTP_FAST_ISA sets the
+    """Force the CPU instruction-set path ('scalar', 'avx2', 'avx512', 'avx512bf16', 'amx'); CTP_FAST_ISA sets the
     default, else the best this CPU supports."""
     _C.set_isa(name)
 

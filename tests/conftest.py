@@ -1,6 +1,6 @@
 """Shared fixtures and helpers for the ctp_fast test-suite.
 
-`isa` runs a test once per instruction-set path this CPU supports (scalar, avx2, avx512, avx512bf16) and restores
+`isa` runs a test once per instruction-set path this CPU supports (scalar, avx2, avx512, avx512bf16, amx) and restores
 the previous choice afterwards, so that test order never leaks an ISA into another test.
 """
 from __future__ import annotations

@@ -211,7 +211,7 @@ def test_set_isa_unsupported(name):
 
 def test_supported_isas():
     assert SUPPORTED_ISAS[0] == "scalar"
-    assert set(SUPPORTED_ISAS) <= {"scalar", "avx2", "avx512", "avx512bf16"}
+    assert set(SUPPORTED_ISAS) <= {"scalar", "avx2", "avx512", "avx512bf16", "amx"}
     assert ctp_fast.supported_isas() == SUPPORTED_ISAS
 
 

@@ -161,7 +161,9 @@ def test_training_loss_and_grads_match_concatenated_path():
         losses.append(float(out.loss.detach()))
         grads.append(p.embeddings.grad.clone())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    # The two paths run the packed kernels at different M: on amx the concatenated one (M >= 16) takes the
+    # AMX tiles (about 2^-17 relative per product), the shared prompt (M = 6) the fp32 kernels.
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
     assert grads[0].abs().sum() > 0
 
 

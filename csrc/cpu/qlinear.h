@@ -27,7 +27,8 @@
 namespace ctp {
 
 // avx512bf16: the avx512 kernels, plus bf16 dot products (vdpbf16ps) for bf16 activations at M > GEMV_MAX_M.
-enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3 };
+// amx: the avx512 kernels, with AMX tiles (qlinear_amx.cpp) for fp32 and bf16 activations at M >= AMX_MIN_M.
+enum class Isa : int { scalar = 0, avx2 = 1, avx512 = 2, avx512bf16 = 3, amx = 4 };
 enum class ScaleType : int { f32 = 0, f16 = 1, bf16 = 2 };
 enum class Layout : int { dense = 0, sparse24 = 1, unstructured = 2 };
 
@@ -60,6 +61,8 @@ struct QView {
 
 // Up to this many rows of activations the kernels stream W once per call (GEMV); above it they tile.
 constexpr int64_t GEMV_MAX_M = 4;
+// From this many rows on, Isa::amx runs the AMX tiles (16 rows each; fewer would mostly multiply padding).
+constexpr int64_t AMX_MIN_M = 16;
 
 // Run body(ctx, begin, end) over [0, n) split into ranges, possibly in parallel.
 typedef void (*TaskFn)(void* ctx, int64_t begin, int64_t end);
@@ -112,6 +115,11 @@ CTP_DECLARE_ISA(avx512)
 namespace avx512bf16 {
 void linear_bf16(const QView& w, const uint16_t* x, int64_t M, const float* bias, float* y, ParallelFn par);
 void linear_grad_input_bf16(const QView& w, const uint16_t* gy, int64_t M, float* gx, ParallelFn par);
+}
+namespace amx {
+bool usable(const QView& w, int64_t M);  // M >= AMX_MIN_M and groups of a multiple of 32 columns (or one group)
+void linear(const QView& w, const float* x, int64_t M, const float* bias, float* y, ParallelFn par);
+void linear_grad_input(const QView& w, const float* gy, int64_t M, float* gx, ParallelFn par);
 }
 
 }  // namespace ctp
