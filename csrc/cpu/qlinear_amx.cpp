@@ -57,13 +57,19 @@ static inline bool split_bf16(__m512 v, uint16_t* hi, uint16_t* lo) {
 static bool split_rows_bf16(const float* a, int64_t lda, const int64_t* col, int64_t M, int64_t n, const float* mul,
                             int64_t ld, uint16_t* hi, uint16_t* lo) {
   bool any_lo = false;
-  float* row = alloc_floats(ld);
+  float* row = col ? alloc_floats(ld) : nullptr;
   for (int64_t m = 0; m < M; ++m) {
     const float* src = a + m * lda;
-    for (int64_t j = 0; j < n; ++j) row[j] = col ? src[col[j]] : src[j];
-    if (mul)
-      for (int64_t j = 0; j < n; ++j) row[j] *= mul[j];
-    for (int64_t j = 0; j < ld; j += 16) any_lo |= split_bf16(_mm512_loadu_ps(row + j), hi + m * ld + j, lo + m * ld + j);
+    if (col) {  // act-order: gather (padding past n stays zero)
+      for (int64_t j = 0; j < n; ++j) row[j] = src[col[j]];
+      src = row;
+    }
+    for (int64_t j = 0; j < ld; j += 16) {
+      const __mmask16 in = j + 16 <= n ? __mmask16(0xFFFF) : j < n ? __mmask16((1u << (n - j)) - 1) : __mmask16(0);
+      __m512 v = _mm512_maskz_loadu_ps(in, src + j);
+      if (mul) v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps(in, mul + j));
+      any_lo |= split_bf16(v, hi + m * ld + j, lo + m * ld + j);
+    }
   }
   std::free(row);
   return any_lo;
