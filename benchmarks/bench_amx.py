@@ -15,7 +15,6 @@ forward and grad_input:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -23,12 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_bf16 import LAYOUTS, on_isa  # noqa: E402  (the same layouts and ISA switch)
-from bench_int4 import llc_bytes, plan_layers, time_cell  # noqa: E402  (one timing harness)
+from bench_bf16 import on_isa, weight_grid, write_results  # noqa: E402  (the same sweep, ISA switch, outputs)
+from bench_int4 import llc_bytes, time_cell  # noqa: E402  (one timing harness)
 
 import ctp_fast  # noqa: E402
 from ctp_fast import packed_linear, packed_linear_grad_input  # noqa: E402
-from ctp_fast.compress import magnitude_mask, nm_mask  # noqa: E402
 
 METHODS = ("amx fp32", "avx512 fp32", "amx bf16", "torch bf16")
 
@@ -65,39 +63,21 @@ def main(argv=None) -> int:
     print(f"{'shape':>10} {'M':>4} {'op':>4} {'layout':>9} " + " ".join(f"{m:>11}" for m in METHODS)
           + "  avx512 / amx, torch / amx")
     try:
-        for n, k in shapes:
-            torch.manual_seed(0)
-            weight = torch.randn(n, k) * 0.02
-            wb0 = weight.bfloat16()
-            wb = [wb0.clone() for _ in range(plan_layers(wb0.numel() * 2, 4 * llc, 64, 1 << 30))]
-            wbt = [w.T.contiguous() for w in wb]
-            for name, (cls, sparsity) in LAYOUTS.items():
-                mask = nm_mask(weight, 2, 4) if sparsity == "2:4" else magnitude_mask(weight, sparsity)
-                w0 = cls.pack(weight, group_size=64, mask=mask)
-                ws = [w0] + [w0.map(torch.clone) for _ in range(plan_layers(w0.nbytes, 4 * llc, 64, 1 << 30) - 1)]
-                for m in ms:
-                    for op in ("fwd", "grad"):
-                        nl = {meth: len(ws) for meth in METHODS[:3]} | {"torch bf16": len(wb)}
-                        cell = time_cell(cell_fns(op, m, n, k, ws, wb, wbt), nl, reps=5 if args.quick else args.reps,
-                                         budget=0.5 if args.quick else args.budget)
-                        t = {meth: cell[meth]["median_s"] for meth in METHODS}
-                        row = {"shape": f"{n}x{k}", "M": m, "op": op, "layout": name,
-                               "ms": {meth: v * 1e3 for meth, v in t.items()},
-                               "speedup": t["avx512 fp32"] / t["amx fp32"], "torch_vs": t["torch bf16"] / t["amx fp32"]}
-                        rows.append(row)
-                        print(f"{row['shape']:>10} {m:4d} {op:>4} {name:>9} "
-                              + " ".join(f"{row['ms'][meth]:8.3f} ms" for meth in METHODS)
-                              + f"  {row['speedup']:.2f}x, {row['torch_vs']:.2f}x")
+        for n, k, name, m, op, ws, wb, wbt in weight_grid(shapes, ms, llc):
+            nl = {meth: len(ws) for meth in METHODS[:3]} | {"torch bf16": len(wb)}
+            cell = time_cell(cell_fns(op, m, n, k, ws, wb, wbt), nl, reps=5 if args.quick else args.reps,
+                             budget=0.5 if args.quick else args.budget)
+            t = {meth: cell[meth]["median_s"] for meth in METHODS}
+            row = {"shape": f"{n}x{k}", "M": m, "op": op, "layout": name,
+                   "ms": {meth: v * 1e3 for meth, v in t.items()},
+                   "speedup": t["avx512 fp32"] / t["amx fp32"], "torch_vs": t["torch bf16"] / t["amx fp32"]}
+            rows.append(row)
+            print(f"{row['shape']:>10} {m:4d} {op:>4} {name:>9} "
+                  + " ".join(f"{row['ms'][meth]:8.3f} ms" for meth in METHODS)
+                  + f"  {row['speedup']:.2f}x, {row['torch_vs']:.2f}x")
     finally:
         ctp_fast.set_isa(previous)
-    meta = {"threads": torch.get_num_threads(), "load_before": load_before, "load_after": os.getloadavg(),
-            "reps": args.reps, "budget_s": args.budget, "cpus": os.cpu_count()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, meta))
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out}.json, .md, .png")
+    write_results(args, load_before, rows, markdown, plot)
     return 0
 
 

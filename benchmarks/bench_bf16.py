@@ -55,6 +55,37 @@ def cell_fns(op: str, m: int, n: int, k: int, ws: list, wb: list, wbt: list) -> 
             "fp32": on_isa("avx512bf16", ours(x)), "torch bf16": dense}
 
 
+def weight_grid(shapes, ms, llc):
+    """Every cell (n, k, layout, m, op, ws, wb, wbt) of a shape x layout x M x op sweep: ws the packed
+    weight (group size 64) and its copies, wb the dense bf16 weight's copies and wbt their transposes (torch's
+    fast grad layout), each list cycling over > 4x the last-level cache. One weight per shape and seed 0."""
+    for n, k in shapes:
+        torch.manual_seed(0)
+        weight = torch.randn(n, k) * 0.02
+        wb0 = weight.bfloat16()
+        wb = [wb0.clone() for _ in range(plan_layers(wb0.numel() * 2, 4 * llc, 64, 1 << 30))]
+        wbt = [w.T.contiguous() for w in wb]
+        for name, (cls, sparsity) in LAYOUTS.items():
+            mask = nm_mask(weight, 2, 4) if sparsity == "2:4" else magnitude_mask(weight, sparsity)
+            w0 = cls.pack(weight, group_size=64, mask=mask)
+            ws = [w0] + [w0.map(torch.clone) for _ in range(plan_layers(w0.nbytes, 4 * llc, 64, 1 << 30) - 1)]
+            for m in ms:
+                for op in ("fwd", "grad"):
+                    yield n, k, name, m, op, ws, wb, wbt
+
+
+def write_results(args, load_before, rows, markdown, plot) -> None:
+    """args.out + .json (rows and the run's meta), .md (markdown(rows, meta)) and .png (plot(rows, path))."""
+    meta = {"threads": torch.get_num_threads(), "load_before": load_before, "load_after": os.getloadavg(),
+            "reps": args.reps, "budget_s": args.budget, "cpus": os.cpu_count()}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(markdown(rows, meta))
+    plot(rows, out.with_suffix(".png"))
+    print(f"wrote {out}.json, .md, .png")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape, one M, fewer samples")
@@ -77,41 +108,21 @@ def main(argv=None) -> int:
     print(f"{'shape':>10} {'M':>4} {'op':>4} {'layout':>9} " + " ".join(f"{m:>11}" for m in METHODS)
           + "  dot vs wide / fp32 / torch")
     try:
-        for n, k in shapes:
-            torch.manual_seed(0)
-            weight = torch.randn(n, k) * 0.02
-            wb0 = weight.bfloat16()
-            nd = plan_layers(wb0.numel() * 2, 4 * llc, 64, 1 << 30)
-            wb = [wb0.clone() for _ in range(nd)]
-            wbt = [w.T.contiguous() for w in wb]
-            for name, (cls, sparsity) in LAYOUTS.items():
-                mask = nm_mask(weight, 2, 4) if sparsity == "2:4" else magnitude_mask(weight, sparsity)
-                w0 = cls.pack(weight, group_size=64, mask=mask)
-                ws = [w0] + [w0.map(torch.clone) for _ in range(plan_layers(w0.nbytes, 4 * llc, 64, 1 << 30) - 1)]
-                for m in ms:
-                    for op in ("fwd", "grad"):
-                        fns = cell_fns(op, m, n, k, ws, wb, wbt)
-                        nl = {"bf16 dot": len(ws), "bf16 wide": len(ws), "fp32": len(ws), "torch bf16": len(wb)}
-                        cell = time_cell(fns, nl, reps=5 if args.quick else args.reps,
-                                         budget=0.5 if args.quick else args.budget)
-                        t = {meth: cell[meth]["median_s"] for meth in METHODS}
-                        row = {"shape": f"{n}x{k}", "M": m, "op": op, "layout": name,
-                               "ms": {meth: v * 1e3 for meth, v in t.items()},
-                               "dot_vs": {meth: t[meth] / t["bf16 dot"] for meth in METHODS[1:]}}
-                        rows.append(row)
-                        print(f"{row['shape']:>10} {m:4d} {op:>4} {name:>9} "
-                              + " ".join(f"{row['ms'][meth]:8.3f} ms" for meth in METHODS)
-                              + "  " + " / ".join(f"{row['dot_vs'][meth]:.2f}x" for meth in METHODS[1:]))
+        for n, k, name, m, op, ws, wb, wbt in weight_grid(shapes, ms, llc):
+            fns = cell_fns(op, m, n, k, ws, wb, wbt)
+            nl = {"bf16 dot": len(ws), "bf16 wide": len(ws), "fp32": len(ws), "torch bf16": len(wb)}
+            cell = time_cell(fns, nl, reps=5 if args.quick else args.reps, budget=0.5 if args.quick else args.budget)
+            t = {meth: cell[meth]["median_s"] for meth in METHODS}
+            row = {"shape": f"{n}x{k}", "M": m, "op": op, "layout": name,
+                   "ms": {meth: v * 1e3 for meth, v in t.items()},
+                   "dot_vs": {meth: t[meth] / t["bf16 dot"] for meth in METHODS[1:]}}
+            rows.append(row)
+            print(f"{row['shape']:>10} {m:4d} {op:>4} {name:>9} "
+                  + " ".join(f"{row['ms'][meth]:8.3f} ms" for meth in METHODS)
+                  + "  " + " / ".join(f"{row['dot_vs'][meth]:.2f}x" for meth in METHODS[1:]))
     finally:
         ctp_fast.set_isa(previous)
-    meta = {"threads": torch.get_num_threads(), "load_before": load_before, "load_after": os.getloadavg(),
-            "reps": args.reps, "budget_s": args.budget, "cpus": os.cpu_count()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    out.with_suffix(".md").write_text(markdown(rows, meta))
-    plot(rows, out.with_suffix(".png"))
-    print(f"wrote {out}.json, .md, .png")
+    write_results(args, load_before, rows, markdown, plot)
     return 0
 
 
