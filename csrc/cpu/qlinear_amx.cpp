@@ -21,6 +21,7 @@ using V = VecAvx512;
 #define CTP_ISA_NS amx
 #define CTP_BF16_GEMM  // leaves out qlinear_impl.h's fp32 entry points: this file has its own
 #include "qlinear_impl.h"
+#include "pair_bf16.h"  // exact here: the decoded values are small integers
 
 namespace ctp {
 namespace amx {
@@ -33,13 +34,6 @@ static void tile_config() {
     cfg[48 + t] = 16;      // rows
   }
   _tile_loadconfig(cfg);
-}
-
-// Lane i: bf16(lo[i]) | bf16(hi[i]) << 16 (exact: the decoded values are small integers).
-static inline __m512i pair_bf16(__m512 lo, __m512 hi) {
-  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
-  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
-  return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
 }
 
 // 16 fp32 values -> hi and lo bf16 halves (round to nearest even both); returns whether any lo is nonzero.

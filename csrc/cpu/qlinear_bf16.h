@@ -7,6 +7,8 @@
 #pragma once
 #include <immintrin.h>
 
+#include "pair_bf16.h"
+
 namespace ctp {
 namespace CTP_ISA_NS {
 
@@ -17,13 +19,6 @@ typedef uint32_t Pair;
 // (Intel Xeon VM, 2 threads, SmolLM2 shapes at M = 100 and 256: 1.0-1.35x faster than 16 tasks, 1.05-1.5x
 // faster than one chunk; benchmarks/results/bench_bf16.md).
 constexpr int64_t BF16_TASKS = 8, BF16_MIN_CHUNKS = 2;
-
-// Lane i: bf16(lo[i]) | bf16(hi[i]) << 16, rounded to nearest even.
-static CTP_INLINE __m512i pair_bf16(__m512 lo, __m512 hi) {
-  const __m512i l = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(lo));
-  const __m512i h = _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(hi));
-  return _mm512_or_si512(l, _mm512_slli_epi32(h, 16));
-}
 
 // Panel-major pair tile: pair row p, column j at (j / NR) * panel_stride + p * NR + j % NR.
 static inline Pair* pair_at(Pair* buf, int64_t panel_stride, int64_t p, int64_t j) {
