@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--quick", action="store_true", help="a small run (about 4 minutes on 2 cores)")
     p.add_argument("--steps", type=int, default=None,
-                   help="prompt-tuning steps, run whatever the time (default: 400, quick 20, cut to fit --max-minutes)")
+                   help="prompt-tuning steps, run whatever the time (default: 800, quick 20, cut to fit --max-minutes)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="the run's time budget: fewer tuning steps on a slow machine (default 20, quick 4; 0: none)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,

@@ -51,7 +51,9 @@ class DemoConfig:
     eval_seqlen: int = 512
     n_tokens: int = 100             # the most the issue allows; cheap with the shared prompt cache
     init: str = "text"              # the first training tokens (see prompt_init_text); "vocab": sampled rows
-    steps: int = 400                # 13.6 min of tuning on a busy 2-core Intel host (2 s a step), or fewer: max_minutes
+    steps: int = 800                # what fits the budget on a 2-vCPU AMX host (about 1 s a step); slower hosts tune
+                                    # fewer (max_minutes). 400 recovered 40.8% of the wiki gap, 900 44.9%
+                                    # (benchmarks/results/recovery_vs_steps_900x256.md)
     batch_size: int = 1             # same train tokens, same checkpoint: 400 x (1 x 256) recovered 39.9% of
     train_seqlen: int = 256         # the wiki gap, 200 x (1 x 512) 37.2% (benchmarks/results/recovery_vs_windows.md)
     eval_every: int = 50
