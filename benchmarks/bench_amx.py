@@ -14,7 +14,6 @@ forward and grad_input:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_bf16 import on_isa, weight_grid, write_results  # noqa: E402  (the same sweep, ISA switch, outputs)
+from bench_bf16 import on_isa, sweep_args, weight_grid, write_results  # noqa: E402  (the same sweep, ISA switch, outputs)
 from bench_int4 import llc_bytes, time_cell  # noqa: E402  (one timing harness)
 
 import ctp_fast  # noqa: E402
@@ -42,19 +41,10 @@ def cell_fns(op: str, m: int, n: int, k: int, ws: list, wb: list, wbt: list) -> 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="one shape, one M, fewer samples")
-    ap.add_argument("--shapes", default="1536x576,576x1536,4096x4096", help="NxK[,NxK...]")
-    ap.add_argument("--ms", default="16,64,356,512")
-    ap.add_argument("--reps", type=int, default=11)
-    ap.add_argument("--budget", type=float, default=1.0, help="seconds per method and cell")
-    ap.add_argument("--out", default="benchmarks/results/bench_amx")
-    args = ap.parse_args(argv)
+    args, shapes, ms = sweep_args(argv, __doc__, "16,64,356,512", 356, 1.0, "benchmarks/results/bench_amx")
     if "amx" not in ctp_fast.supported_isas():
         print("this CPU (or OS) offers no AMX tiles: there is no amx path to measure", file=sys.stderr)
         return 2
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (["1536x576"] if args.quick else args.shapes.split(","))]
-    ms = [356] if args.quick else [int(m) for m in args.ms.split(",")]
     previous = ctp_fast.get_isa()
     llc, _ = llc_bytes()
     load_before = os.getloadavg()

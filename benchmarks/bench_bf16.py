@@ -86,20 +86,26 @@ def write_results(args, load_before, rows, markdown, plot) -> None:
     print(f"wrote {out}.json, .md, .png")
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def sweep_args(argv, doc: str, ms: str, quick_m: int, budget: float, out: str):
+    """The command line of a shape x M sweep (this script, bench_amx): (args, shapes [(n, k)], ms);
+    --quick: one shape (1536x576), one M (quick_m)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape, one M, fewer samples")
     ap.add_argument("--shapes", default="1536x576,576x1536,4096x4096", help="NxK[,NxK...]")
-    ap.add_argument("--ms", default="64,256,512")
+    ap.add_argument("--ms", default=ms)
     ap.add_argument("--reps", type=int, default=11)
-    ap.add_argument("--budget", type=float, default=1.5, help="seconds per method and cell")
-    ap.add_argument("--out", default="benchmarks/results/bench_bf16")
+    ap.add_argument("--budget", type=float, default=budget, help="seconds per method and cell")
+    ap.add_argument("--out", default=out)
     args = ap.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in (["1536x576"] if args.quick else args.shapes.split(","))]
+    return args, shapes, [quick_m] if args.quick else [int(m) for m in args.ms.split(",")]
+
+
+def main(argv=None) -> int:
+    args, shapes, ms = sweep_args(argv, __doc__, "64,256,512", 256, 1.5, "benchmarks/results/bench_bf16")
     if "avx512bf16" not in ctp_fast.supported_isas():
         print("this CPU lacks AVX512_BF16: there is no bf16 dot-product path to measure", file=sys.stderr)
         return 2
-    shapes = [tuple(int(v) for v in s.split("x")) for s in (["1536x576"] if args.quick else args.shapes.split(","))]
-    ms = [256] if args.quick else [int(m) for m in args.ms.split(",")]
     previous = ctp_fast.get_isa()
     llc, _ = llc_bytes()
     load_before = os.getloadavg()

@@ -210,9 +210,9 @@ static void grad_panel(const QView& wv, int64_t k0, uint32_t* panel, uint32_t* p
       const __m512bh hi = _mm512_cvtne2ps_pbh(col[1], col[0]);  // words 0..15: rows 0..15, 16..31: rows 16..31
       cols[kk] = (__m512i)hi;
       if constexpr (SPLIT) {
-        const __m512i h = (__m512i)hi;  // bf16 -> fp32 is a 16-bit shift
-        const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(h)), 16));
-        const __m512 h1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(h, 1)), 16));
+        const __m512i h = (__m512i)hi;
+        const __m512 h0 = _mm512_cvtpbh_ps((__m256bh)_mm512_castsi512_si256(h));
+        const __m512 h1 = _mm512_cvtpbh_ps((__m256bh)_mm512_extracti64x4_epi64(h, 1));
         cols_lo[kk] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(col[1], h1), _mm512_sub_ps(col[0], h0));
       }
     }
