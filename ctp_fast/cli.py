@@ -120,13 +120,16 @@ def cmd_eval(args) -> int:
     from .eval import perplexity
     from .prompt import load_prompt
 
+    # Texts and prompt first: a bad name fails before the model loads, not after the first corpus's run.
+    texts = {corpus: corpus_split(corpus, args.split, args.seed) for corpus in args.corpora.split(",")}
+    prompt = load_prompt(args.prompt)[0] if args.prompt else None
     model, tok = _load_any(args.model)
     model.to(args.device)
-    prompt = load_prompt(args.prompt)[0].to(args.device) if args.prompt else None
+    prompt = prompt.to(args.device) if prompt is not None else None
     bos = "gemma" in type(model).__name__.lower()
     rows = []
-    for corpus in args.corpora.split(","):
-        windows = token_windows(tok, corpus_split(corpus, args.split, args.seed), args.seqlen, args.windows, bos=bos)
+    for corpus, text in texts.items():
+        windows = token_windows(tok, text, args.seqlen, args.windows, bos=bos)
         r = perplexity(model, windows.to(args.device), args.batch_size, prompt=prompt, progress=True,
                        desc=f"{corpus} ({args.split})")
         rows.append((corpus, len(windows), r.tokens, r.loss, r.ppl))
@@ -197,14 +200,15 @@ def cmd_tune(args) -> int:
     from .data import corpus_split, token_windows
     from .prompt import TuneConfig, tune
 
-    model, tok = _load_any(args.model)
-    model.to(args.device)
-    bos = "gemma" in type(model).__name__.lower()
-    win = lambda split, n: token_windows(tok, corpus_split(args.corpus, split, args.seed), args.seqlen, n, bos=bos)  # noqa: E731
+    # The config first: a bad option fails before the model loads.
     cfg = TuneConfig(n_tokens=args.n_tokens, init=args.init, init_text=args.init_text, optimizer=args.optimizer,
                      lr=args.lr, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      eval_every=args.eval_every, dtype=args.dtype, schedule=args.schedule, seed=args.seed,
                      warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm)
+    model, tok = _load_any(args.model)
+    model.to(args.device)
+    bos = "gemma" in type(model).__name__.lower()
+    win = lambda split, n: token_windows(tok, corpus_split(args.corpus, split, args.seed), args.seqlen, n, bos=bos)  # noqa: E731
     qcfg = (getattr(model.config, "quantization_config", None) or {})
     result = tune(model, win("train", None), win("val", args.val_windows), cfg, out_dir=args.out, resume=args.resume,
                   test_windows=win("test", args.val_windows), tokenizer=tok,

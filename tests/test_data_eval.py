@@ -156,6 +156,22 @@ def test_demo_cli_steps(monkeypatch, tmp_path):
         cli.main(["demo", "--max-minutes", "-1"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["tune", "--out", "OUT", "--corpus", "wiki", "--steps", "0"], "tune: error: steps: expected a positive integer"),
+    (["tune", "--out", "OUT", "--corpus", "wiki", "--lr", "-1"], "tune: error: lr: expected a positive number"),
+    (["compress", "--out", "OUT", "--method", "gptq", "--group-size", "100"], "compress: error: group_size: expected one of"),
+    (["eval", "--corpora", "wiki,nope"], "eval: error: corpus: 'nope' is neither a shipped corpus"),
+])
+def test_cli_bad_options_fail_before_the_model_loads(argv, message, tmp_path, capsys):
+    """A bad option is reported before any model is looked for (here the model does not exist, so a late check
+    would report the model instead)."""
+    from ctp_fast import cli
+
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert cli.main([*argv, "--model", str(tmp_path / "no-model")]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_demo_steps_within_budget():
     """Tuning steps fit what the budget leaves after the stages so far and the estimate of those after
     tuning; never more than asked, at least 10, a multiple of 10."""

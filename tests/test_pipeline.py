@@ -183,6 +183,8 @@ def test_unsupported_architecture_is_named():
     (dict(method="gptq", bits=None), "quantizes"),
     (dict(method="sparsegpt", bits=8, sparsity="2:4"), "4-bit codes"),
     (dict(method="foo"), "method"),
+    (dict(method="gptq", group_size=100), "group_size"),
+    (dict(method="sparsegpt", bits=4, group_size=0, sparsity=0.5), "group_size"),
 ])
 def test_bad_recipes(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..fileio import atomic_path, write_json
+from ..formats.base import check_group_size
 from ..nn.compressed_linear import CompressedLinear
 from .magnitude import parse_sparsity
 
@@ -71,6 +72,8 @@ class Recipe:
             raise ValueError(f"bits: expected 3, 4, 8 or None (prune only), got {self.bits!r}")
         if self.bits not in (None, 4) and kind != "dense":
             raise ValueError(f"bits: sparse formats store 4-bit codes, got bits={self.bits} with sparsity={self.sparsity!r}")
+        if self.bits is not None:
+            check_group_size(self.group_size)  # here, not at the first layer after calibration
         self.skip = tuple(self.skip)
 
     @property
