@@ -125,7 +125,8 @@ def cmd_eval(args) -> int:
     prompt = load_prompt(args.prompt)[0] if args.prompt else None
     model, tok = _load_any(args.model)
     model.to(args.device)
-    prompt = prompt.to(args.device) if prompt is not None else None
+    if prompt is not None:
+        prompt = prompt.to(args.device)
     bos = "gemma" in type(model).__name__.lower()
     rows = []
     for corpus, text in texts.items():
@@ -200,15 +201,16 @@ def cmd_tune(args) -> int:
     from .data import corpus_split, token_windows
     from .prompt import TuneConfig, tune
 
-    # The config first: a bad option fails before the model loads.
+    # The config and texts first: a bad option or corpus fails before the model loads.
     cfg = TuneConfig(n_tokens=args.n_tokens, init=args.init, init_text=args.init_text, optimizer=args.optimizer,
                      lr=args.lr, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                      eval_every=args.eval_every, dtype=args.dtype, schedule=args.schedule, seed=args.seed,
                      warmup_steps=args.warmup_steps, max_grad_norm=args.max_grad_norm)
+    texts = {split: corpus_split(args.corpus, split, args.seed) for split in ("train", "val", "test")}
     model, tok = _load_any(args.model)
     model.to(args.device)
     bos = "gemma" in type(model).__name__.lower()
-    win = lambda split, n: token_windows(tok, corpus_split(args.corpus, split, args.seed), args.seqlen, n, bos=bos)  # noqa: E731
+    win = lambda split, n: token_windows(tok, texts[split], args.seqlen, n, bos=bos)  # noqa: E731
     qcfg = (getattr(model.config, "quantization_config", None) or {})
     result = tune(model, win("train", None), win("val", args.val_windows), cfg, out_dir=args.out, resume=args.resume,
                   test_windows=win("test", args.val_windows), tokenizer=tok,

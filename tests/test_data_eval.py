@@ -161,6 +161,7 @@ def test_demo_cli_steps(monkeypatch, tmp_path):
     (["tune", "--out", "OUT", "--corpus", "wiki", "--lr", "-1"], "tune: error: lr: expected a positive number"),
     (["compress", "--out", "OUT", "--method", "gptq", "--group-size", "100"], "compress: error: group_size: expected one of"),
     (["eval", "--corpora", "wiki,nope"], "eval: error: corpus: 'nope' is neither a shipped corpus"),
+    (["tune", "--out", "OUT", "--corpus", "nope"], "tune: error: corpus: 'nope' is neither a shipped corpus"),
 ])
 def test_cli_bad_options_fail_before_the_model_loads(argv, message, tmp_path, capsys):
     """A bad option is reported before any model is looked for (here the model does not exist, so a late check
