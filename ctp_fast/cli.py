@@ -5,7 +5,7 @@
   ctp tune --model runs/gptq4 --corpus wiki --out runs/prompt
   torchrun --nproc_per_node 2 -m ctp_fast tune --model runs/gptq4 --out runs/prompt   (data parallel)
   ctp transfer --prompts runs/prompt/best --models gemma=gemma3-270m --dense smollm2-135m,gemma3-270m --bridge auto
-  ctp demo [--quick] [--steps N] [--max-minutes M] [--dtype fp32|bf16]
+  ctp demo [--quick] [--steps N] [--max-minutes M] [--dtype auto|fp32|bf16]
   ctp bench kernels|formats|prefix|e2e [--quick]
 """
 from __future__ import annotations
@@ -327,8 +327,9 @@ def main(argv=None) -> int:
                    help="prompt-tuning steps, run whatever the time (default: 800, quick 20, cut to fit --max-minutes)")
     p.add_argument("--max-minutes", type=float, default=None,
                    help="the run's time budget: fewer tuning steps on a slow machine (default 20, quick 4; 0: none)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
-                   help="prompt-tuning compute (default fp32; bf16: autocast, faster on AVX512_BF16 CPUs)")
+    p.add_argument("--dtype", choices=("auto", "fp32", "bf16"), default=None,
+                   help="prompt-tuning compute (default auto: bf16 on CPUs with AVX512_BF16 or AMX, where it tunes "
+                        "more steps in the budget, else fp32)")
     p.set_defaults(fn=cmd_demo)
 
     p = sub.add_parser("bench", help="benchmarks")

@@ -32,6 +32,7 @@ from .data import corpus_split, load_model, local_model_dir, token_windows
 from .eval import cloze_accuracy, cloze_examples, gap_recovered, perplexity
 from .fileio import write_json, write_text
 from .nn.compressed_linear import linear_bytes
+from .ops import get_isa
 
 log = logging.getLogger(__name__)
 CORPORA = ("wiki", "wikixml", "news")
@@ -58,7 +59,7 @@ class DemoConfig:
     train_seqlen: int = 256         # the wiki gap, 200 x (1 x 512) 37.2% (benchmarks/results/recovery_vs_windows.md)
     eval_every: int = 50
     lr: float | None = None
-    dtype: str = "fp32"             # tuning compute; bf16: autocast, the packed kernels' bf16 dot products
+    dtype: str = "auto"             # tuning compute, see tuning_dtype; bf16: autocast, the kernels' bf16 dot products
     max_minutes: float | None = 20.0  # the whole run's budget: tuning steps are cut (never raised) to fit it
     cloze: int = 100
     seed: int = 0
@@ -69,7 +70,7 @@ class DemoConfig:
         from .prompt import TuneConfig
         return TuneConfig(n_tokens=self.n_tokens, init=self.init, init_text=init_text, steps=self.steps,
                           batch_size=self.batch_size, eval_every=self.eval_every, lr=self.lr, seed=self.seed,
-                          dtype=self.dtype)
+                          dtype=tuning_dtype(self.dtype))
 
     @classmethod
     def quick_config(cls, **kw) -> "DemoConfig":
@@ -77,6 +78,19 @@ class DemoConfig:
                     batch_size=2, train_seqlen=64, eval_every=10, cloze=20, max_minutes=4.0)
         base.update(kw)
         return cls(**base)
+
+
+def tuning_dtype(dtype: str) -> str:
+    """The demo's tuning compute: "auto" is bf16 where the packed kernels have bf16 dot products (the
+    avx512bf16 and amx paths), else fp32. Within the 20-minute budget bf16 tunes more steps and recovers more:
+    on Zen 4, 440-470 steps and 40.1/39.7% of the wiki gap against fp32's 310 and 37.8%, although at equal steps
+    it recovers about 1 point less (benchmarks/results/demo_report_zen4_auto.md, demo_report_zen4_bf16.md,
+    recovery_dtype_timematched.md). Elsewhere the kernels widen bf16 activations to fp32, so bf16 gains nothing."""
+    if dtype == "auto":
+        return "bf16" if get_isa() in ("avx512bf16", "amx") else "fp32"
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"DemoConfig.dtype: expected 'auto', 'fp32' or 'bf16', got {dtype!r}")
+    return dtype
 
 
 @torch.no_grad()
@@ -186,6 +200,8 @@ def steps_within_budget(cfg: DemoConfig, elapsed_s: float, step_s: float) -> int
 def run_demo(cfg: DemoConfig) -> dict:
     from .prompt import seconds_per_step, tune
 
+    cfg = replace(cfg, dtype=tuning_dtype(cfg.dtype))  # the report names the dtype that ran
+    log.info("demo: prompt tuning in %s on the %s path", cfg.dtype, get_isa())
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -280,7 +296,6 @@ def environment() -> dict:
     an AMD one), and speed depends on the rest."""
     import transformers
 
-    from . import get_isa
     return {"torch": torch.__version__, "transformers": transformers.__version__, "isa": get_isa(),
             "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
 
@@ -303,7 +318,7 @@ def render(report: dict) -> str:
     head = "| setting | " + " | ".join(f"{c} ppl" for c in CORPORA) + " | cloze | linears MiB | prefill tok/s | decode tok/s |"
     lines = [f"# ctp demo: {cfg['model']}{' (quick)' if cfg['quick'] else ''}", "",
              f"Test split, {cfg['eval_windows']} windows x {cfg['eval_seqlen']} tokens per corpus; prompt of "
-             f"{cfg['n_tokens']} tokens tuned {steps_text(report)} on the int4+50% model (wiki train, best by wiki val).",
+             f"{cfg['n_tokens']} tokens tuned {steps_text(report)} in {cfg.get('dtype', 'fp32')} on the int4+50% model (wiki train, best by wiki val).",
              "", head, "|" + " --- |" * (len(CORPORA) + 5)]
     for name, r in rows.items():
         cells = [f"{math.exp(r['loss'][c]):.2f}" for c in CORPORA]

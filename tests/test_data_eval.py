@@ -142,7 +142,7 @@ def test_demo_cli_steps(monkeypatch, tmp_path):
         cli.main(["demo", "--steps", "0"])
     assert cli.main(["demo", "--out", out, "--dtype", "bf16"]) == 0
     assert seen[-1].dtype == "bf16" and seen[-1].tune_config("some text").dtype == "bf16"
-    assert seen[0].tune_config("some text").dtype == demo.DemoConfig().dtype
+    assert seen[0].dtype == "auto" and seen[0].tune_config("some text").dtype == demo.tuning_dtype("auto")
     with pytest.raises(SystemExit):  # argparse: invalid choice
         cli.main(["demo", "--dtype", "fp16"])
     # the time budget: on by default, off when N steps are asked for, unless --max-minutes is given too
@@ -154,6 +154,25 @@ def test_demo_cli_steps(monkeypatch, tmp_path):
         assert seen[-1].max_minutes == want, argv
     with pytest.raises(SystemExit, match="--max-minutes: expected a number >= 0"):
         cli.main(["demo", "--max-minutes", "-1"])
+
+
+def test_demo_tuning_dtype_follows_the_instruction_set():
+    """The demo's default tunes in bf16 only where the kernels have bf16 dot products."""
+    import ctp_fast
+    from ctp_fast import demo
+
+    previous = ctp_fast.get_isa()
+    try:
+        for isa in ctp_fast.supported_isas():
+            ctp_fast.set_isa(isa)
+            want = "bf16" if isa in ("avx512bf16", "amx") else "fp32"
+            assert demo.tuning_dtype("auto") == want, isa
+            assert demo.DemoConfig().tune_config("some text").dtype == want, isa
+            assert demo.tuning_dtype("fp32") == "fp32" and demo.tuning_dtype("bf16") == "bf16"
+    finally:
+        ctp_fast.set_isa(previous)
+    with pytest.raises(ValueError, match="DemoConfig.dtype: expected 'auto', 'fp32' or 'bf16', got 'fp16'"):
+        demo.tuning_dtype("fp16")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -213,12 +232,13 @@ def test_demo_report_gap_recovered_and_stage_times():
     assert env["torch"] == torch.__version__ and env["isa"] == ctp_fast.get_isa() and env["transformers"]
     text = demo.render({"rows": rows, "config": cfg, "memory": mem, "seconds": 600.0, "environment": env})
     assert f"Environment: torch {env['torch']}, transformers {env['transformers']}, kernels {env['isa']}," in text
-    assert "tuned 140 steps on" in text
+    assert "tuned 140 steps in fp32 on" in text  # a report from before the dtype was recorded: fp32
     cut = {"max_minutes": 20.0, "step_seconds": 2.512, "steps": 90}
     text = demo.render({"rows": rows, "config": cfg, "memory": mem, "seconds": 600.0, "budget": cut})
-    assert "tuned 90 steps (140 asked, cut to fit the 20-minute budget at 2.51 s a step; --steps N runs N) on" in text
-    text = demo.render({"rows": rows, "config": cfg, "memory": mem, "seconds": 600.0, "budget": {**cut, "steps": 140}})
-    assert "tuned 140 steps on" in text
+    assert "tuned 90 steps (140 asked, cut to fit the 20-minute budget at 2.51 s a step; --steps N runs N) in fp32 on" in text
+    text = demo.render({"rows": rows, "config": {**cfg, "dtype": "bf16"}, "memory": mem, "seconds": 600.0,
+                        "budget": {**cut, "steps": 140}})
+    assert "tuned 140 steps in bf16 on" in text
 
 
 def test_recovery_vs_steps_window_argument(capsys):
