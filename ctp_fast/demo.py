@@ -33,6 +33,7 @@ from .eval import cloze_accuracy, cloze_examples, gap_recovered, perplexity
 from .fileio import write_json, write_text
 from .nn.compressed_linear import linear_bytes
 from .ops import get_isa
+from .prompt.tune import DTYPES
 
 log = logging.getLogger(__name__)
 CORPORA = ("wiki", "wikixml", "news")
@@ -88,7 +89,7 @@ def tuning_dtype(dtype: str) -> str:
     recovery_dtype_timematched.md). Elsewhere the kernels widen bf16 activations to fp32, so bf16 gains nothing."""
     if dtype == "auto":
         return "bf16" if get_isa() in ("avx512bf16", "amx") else "fp32"
-    if dtype not in ("fp32", "bf16"):
+    if dtype not in DTYPES:
         raise ValueError(f"DemoConfig.dtype: expected 'auto', 'fp32' or 'bf16', got {dtype!r}")
     return dtype
 
